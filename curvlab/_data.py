@@ -1,0 +1,159 @@
+"""Data handling shared by operators, problems and solvers.
+
+``data`` is one of:
+
+* ``None`` — the function closes over its data and is called without a batch;
+* one batch — a tensor, or a tuple/list/dict whose leaves are all tensors
+  (e.g. ``(X, y)``);
+* an iterable of batches — a ``DataLoader``, a list of ``(X, y)`` tuples, …
+  It must be re-iterable (each pass over it is one epoch).
+
+Over an iterable of batches the dataset objective is the *mean over samples*:
+batch ``b`` with ``n_b`` samples enters with weight ``n_b / N`` (its function
+returns the batch mean), unless ``reduction="sum"`` (weight 1). ``n_b`` is the
+leading dimension of the batch's first tensor, or ``batch_size_fn(batch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._params import tree_leaves
+
+Batch = Any
+
+
+def is_single_batch(data: Any) -> bool:
+    """True when ``data`` is one batch (a tensor or a flat container of tensors)."""
+    if isinstance(data, Tensor):
+        return True
+    if isinstance(data, Mapping):
+        return len(data) > 0 and all(isinstance(v, Tensor) for v in data.values())
+    if isinstance(data, (tuple, list)):
+        return len(data) > 0 and all(isinstance(v, Tensor) for v in data)
+    return False
+
+
+def default_batch_size(batch: Batch) -> int:
+    """Leading dimension of the first tensor in ``batch``."""
+    leaves = tree_leaves(batch)
+    if not leaves or leaves[0].ndim == 0:
+        raise ValueError(
+            "cannot infer the batch size: the batch holds no tensor with a leading (sample) dimension; "
+            "pass batch_size_fn"
+        )
+    return int(leaves[0].shape[0])
+
+
+class Data:
+    """Uniform view of ``data`` (None, one batch, or an iterable of batches).
+
+    Args:
+        data: see the module docstring.
+        reduction: ``"mean"`` (weight each batch by its share of the samples) or
+            ``"sum"`` (weight 1 per batch).
+        batch_size_fn: number of samples in a batch; default: leading dimension
+            of its first tensor.
+
+    Raises:
+        ValueError: on an unknown reduction, an empty iterable, or a one-shot
+            iterator (it could be read only once).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        reduction: str = "mean",
+        batch_size_fn: Callable[[Batch], int] | None = None,
+    ) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        self.batch_size_fn = batch_size_fn or default_batch_size
+        self.raw = data
+        if data is None:
+            self.kind = "none"
+        elif is_single_batch(data):
+            self.kind = "batch"
+        elif isinstance(data, Iterable):
+            if isinstance(data, Iterator):
+                raise ValueError(
+                    "data is a one-shot iterator; pass a re-iterable collection of batches "
+                    "(a list or a DataLoader) so it can be read more than once"
+                )
+            self.kind = "iterable"
+        else:
+            raise TypeError(
+                f"data must be None, a batch (tensor or tuple/list/dict of tensors) or an iterable of "
+                f"batches, got {type(data).__name__}"
+            )
+        self._n_total: int | None = None
+
+    @property
+    def multi(self) -> bool:
+        """Whether the data is an iterable of several batches."""
+        return self.kind == "iterable"
+
+    def batches(self) -> Iterator[Batch]:
+        """One pass over the data (``None`` once when there is no data)."""
+        if self.kind == "none":
+            yield None
+        elif self.kind == "batch":
+            yield self.raw
+        else:
+            yield from self.raw
+
+    def n_total(self) -> int:
+        """Total number of samples (one pass over the data, cached)."""
+        if self._n_total is None:
+            if self.kind == "none":
+                self._n_total = 1
+            else:
+                self._n_total = sum(self.batch_size_fn(b) for b in self.batches())
+                if self._n_total == 0:
+                    raise ValueError("data holds no batch")
+        return self._n_total
+
+    def weighted_batches(self) -> Iterator[tuple[Batch, float]]:
+        """Pairs ``(batch, weight)`` whose weighted sum is the dataset objective."""
+        if self.kind != "iterable" or self.reduction == "sum":
+            for b in self.batches():
+                yield b, 1.0
+            return
+        n = self.n_total()
+        for b in self.batches():
+            yield b, self.batch_size_fn(b) / n
+
+    def stream(self, start: int = 0) -> Iterator[Batch]:
+        """Endless stream of batches, epoch after epoch, skipping the first ``start`` draws."""
+        if self.kind != "iterable":
+            while True:
+                yield self.raw
+        count = 0
+        while True:
+            empty = True
+            for b in self.raw:
+                empty = False
+                if count >= start:
+                    yield b
+                count += 1
+            if empty:
+                raise ValueError("data holds no batch")
+
+
+def call(fn: Callable[..., Any], params: Any, batch: Batch, nargs_hint: int | None = None) -> Any:
+    """Call ``fn(params, batch)``, or ``fn(params)`` when there is no batch."""
+    if batch is None:
+        return fn(params)
+    return fn(params, batch)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move the tensors of a batch to ``device`` (no copy when already there)."""
+    from ._params import tree_map
+
+    return tree_map(lambda t: t.to(device), batch)

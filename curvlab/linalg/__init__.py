@@ -1,0 +1,1 @@
+"""Krylov and randomized linear algebra in torch, on the operator's device."""

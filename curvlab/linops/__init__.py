@@ -1,0 +1,29 @@
+"""Matrix-free linear operators: Hessian, GGN, empirical Fisher, Jacobian, Gram.
+
+Every operator is a :class:`LinearOperator` acting on flat parameter vectors;
+``op.spec.unflatten(v)`` turns such a vector back into the parameters' structure.
+"""
+
+from ._base import DenseOperator, IdentityOperator, LinearOperator, MatvecOperator, aslinearoperator
+from .fisher import FisherOperator, fisher
+from .ggn import GGNOperator, ggn
+from .hessian import HessianOperator, hessian
+from .jacobian import GramOperator, JacobianOperator, gram, jacobian
+
+__all__ = [
+    "LinearOperator",
+    "MatvecOperator",
+    "DenseOperator",
+    "IdentityOperator",
+    "aslinearoperator",
+    "hessian",
+    "HessianOperator",
+    "ggn",
+    "GGNOperator",
+    "fisher",
+    "FisherOperator",
+    "jacobian",
+    "JacobianOperator",
+    "gram",
+    "GramOperator",
+]

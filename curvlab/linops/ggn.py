@@ -1,0 +1,178 @@
+r"""Generalized Gauss-Newton operator :math:`G = \sum_n J_nᵀ Q_n J_n`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._data import Batch
+from ._autodiff import CurvatureBase, _grad, call_model, per_sample_losses, split_supervised_batch
+from ._base import LinearOperator
+
+__all__ = ["GGNOperator", "ggn"]
+
+
+class OutputCurvature(CurvatureBase, LinearOperator):
+    r"""Operators of the form :math:`\sum_b J_bᵀ Q_b J_b` for an output map :math:`o_b(x)`.
+
+    Subclasses give, per batch, the output ``o`` (a function of the leaf ``x``) and a
+    symmetric output-space product ``q(u)``. Products are three reverse passes over
+    graphs cached per batch: :math:`J v` (double-vjp), :math:`Q (Jv)`, :math:`Jᵀ(QJv)`.
+    """
+
+    def _init_common(
+        self,
+        model: Any,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        params: Any,
+        data: Any,
+        reduction: str,
+        cache: bool | str,
+        batch_size_fn: Any,
+        psd: bool,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model_fn must be callable or an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if params is None:
+            if not isinstance(model, nn.Module):
+                raise ValueError("params is None: pass the parameters, or an nn.Module as model_fn")
+            params = model
+        if data is None:
+            raise ValueError("data must hold (inputs, targets) batches: one batch or an iterable of batches")
+        self._setup(params, data, reduction, batch_size_fn, cache)
+        n = self.spec.size
+        LinearOperator.__init__(self, (n, n), self.spec.dtype, self.spec.device, symmetric=True, psd=psd)
+        self.model, self.loss_fn = model, loss_fn
+        self._value: Tensor | None = None
+        self._gradient: Tensor | None = None
+
+    def _sample_weight(self) -> float:
+        return 1.0 / self.data.n_total() if self.data.reduction == "mean" else 1.0
+
+    def _jacobian_pieces(self, x: Tensor, o: Tensor) -> dict[str, Any]:
+        u0 = torch.zeros_like(o, requires_grad=True)
+        (jt,) = torch.autograd.grad(o, x, u0, create_graph=True, allow_unused=True)
+        if jt is None:
+            jt = torch.zeros_like(x)
+        return {"x": x, "o": o, "u0": u0, "jt": jt}
+
+    def _q(self, piece: dict[str, Any], U: Tensor, batched: bool) -> Tensor:
+        raise NotImplementedError
+
+    def _products(self, V: Tensor, batched: bool) -> Tensor:
+        out = None
+        for p in self._pieces():
+            jv = _grad(p["jt"], p["u0"], V, batched, retain=True)
+            qjv = self._q(p, jv, batched)
+            r = _grad(p["o"], p["x"], qjv, batched, retain=self.cache)
+            out = r if out is None else out + r
+        assert out is not None
+        return out
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._products(v, batched=False)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._products(V.T.contiguous(), batched=True).T
+
+    def _value_grad(self) -> None:
+        val, grad = None, None
+        for p in self._pieces():
+            val = p["value"] if val is None else val + p["value"]
+            grad = p["grad"] if grad is None else grad + p["grad"]
+        self._value, self._gradient = val, grad
+
+    @property
+    def value(self) -> Tensor:
+        """The loss (mean or sum over the data) at the operator's point."""
+        if self._value is None:
+            self._value_grad()
+        assert self._value is not None
+        return self._value
+
+    @property
+    def gradient(self) -> Tensor:
+        """The loss gradient (flat) at the operator's point."""
+        if self._gradient is None:
+            self._value_grad()
+        assert self._gradient is not None
+        return self._gradient
+
+
+class GGNOperator(OutputCurvature):
+    r"""Generalized Gauss-Newton matrix :math:`G = \sum_n J_nᵀ\, \nabla^2_{o}\ell_n\, J_n` (scaled).
+
+    :math:`J_n = \partial o_n / \partial x` is the Jacobian of the model output for
+    sample ``n`` and :math:`Q_n = \nabla^2_o \ell(o_n, y_n)` the Hessian of the loss with
+    respect to the output, taken by autodiff (exact for any loss: MSE gives the
+    identity, softmax cross-entropy :math:`\operatorname{diag}(p) - ppᵀ`).
+    With ``reduction="mean"`` the whole is divided by the number of samples ``N``.
+    Build it with :func:`ggn`.
+    """
+
+    def _build(self, x: Tensor, batch: Batch, weight: float) -> dict[str, Any]:
+        inputs, y = split_supervised_batch(batch)
+        o = call_model(self.model, self.spec, x, inputs)
+        od = o.detach().requires_grad_(True)
+        w = self._sample_weight()
+        loss = per_sample_losses(self.loss_fn, od, y).sum() * w
+        (gl,) = torch.autograd.grad(loss, od, create_graph=True)
+        piece = self._jacobian_pieces(x, o)
+        piece.update(od=od, gl=gl, value=loss.detach())
+        piece["grad"] = _grad(o, x, gl.detach(), False, retain=True)
+        return piece
+
+    def _q(self, piece: dict[str, Any], U: Tensor, batched: bool) -> Tensor:
+        return _grad(piece["gl"], piece["od"], U, batched, retain=True)
+
+
+def ggn(
+    model_fn: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    params: Any,
+    data: Any,
+    *,
+    reduction: str = "mean",
+    cache: bool | str = "auto",
+    batch_size_fn: Callable[[Batch], int] | None = None,
+    psd: bool = True,
+) -> GGNOperator:
+    r"""Matrix-free generalized Gauss-Newton matrix of a supervised loss.
+
+    .. math::
+        G = \frac{1}{N} \sum_{n=1}^{N} J_nᵀ\, Q_n\, J_n,\qquad
+        J_n = \frac{\partial f(x_n; \theta)}{\partial \theta},\quad
+        Q_n = \nabla^2_{o}\, \ell(o, y_n)\big|_{o = f(x_n;\theta)}
+
+    (without the :math:`1/N` for ``reduction="sum"``), summed exactly over every batch of ``data``.
+
+    Args:
+        model_fn: ``model_fn(params, inputs) -> outputs`` of shape ``(batch, ...)``,
+            or an ``nn.Module`` (called with :func:`torch.func.functional_call`).
+        loss_fn: ``loss_fn(outputs, targets) -> per-sample losses`` of shape ``(batch,)``
+            (e.g. ``lambda o, y: F.cross_entropy(o, y, reduction="none")``).
+        params: the point (tensor / tuple / list / dict / ``nn.Module``); ``None`` takes the
+            parameters of ``model_fn`` when it is a module.
+        data: one ``(inputs, targets)`` batch or an iterable of them.
+        reduction: ``"mean"`` (divide by the number of samples) or ``"sum"``.
+        cache: keep each batch's graphs between products (``"auto"``: single batch only).
+        batch_size_fn: number of samples in a batch (default: leading dimension).
+        psd: tag the operator positive semidefinite (true whenever the loss is convex
+            in the outputs, as MSE and cross-entropy are).
+
+    Returns:
+        A symmetric :class:`GGNOperator` of shape ``(P, P)``; ``.value`` and ``.gradient``
+        give the loss and its gradient at the point.
+
+    Raises:
+        TypeError: if ``model_fn`` or ``loss_fn`` is not callable.
+        ValueError: if ``data`` is missing or ``loss_fn`` does not return per-sample losses.
+    """
+    op = GGNOperator.__new__(GGNOperator)
+    op._init_common(model_fn, loss_fn, params, data, reduction, cache, batch_size_fn, psd)
+    return op

@@ -1,0 +1,1 @@
+"""Implicit differentiation of solutions (custom_root, custom_fixed_point, hypergradients)."""
