@@ -3,10 +3,11 @@
 ``data`` is one of:
 
 * ``None`` — the function closes over its data and is called without a batch;
-* one batch — a tensor, or a tuple/list/dict whose leaves are all tensors
+* one batch — a tensor, or a *tuple* or dict whose items are all tensors
   (e.g. ``(X, y)``);
-* an iterable of batches — a ``DataLoader``, a list of ``(X, y)`` tuples, …
-  It must be re-iterable (each pass over it is one epoch).
+* an iterable of batches — a ``DataLoader``, a *list* of batches (``[(X1, y1),
+  (X2, y2)]`` or ``[X1, X2]``), … It must be re-iterable (each pass over it is
+  one epoch).
 
 Over an iterable of batches the dataset objective is the *mean over samples*:
 batch ``b`` with ``n_b`` samples enters with weight ``n_b / N`` (its function
@@ -28,12 +29,12 @@ Batch = Any
 
 
 def is_single_batch(data: Any) -> bool:
-    """True when ``data`` is one batch (a tensor or a flat container of tensors)."""
+    """True when ``data`` is one batch: a tensor, or a tuple / dict of tensors (a list means several batches)."""
     if isinstance(data, Tensor):
         return True
     if isinstance(data, Mapping):
         return len(data) > 0 and all(isinstance(v, Tensor) for v in data.values())
-    if isinstance(data, (tuple, list)):
+    if isinstance(data, tuple):
         return len(data) > 0 and all(isinstance(v, Tensor) for v in data)
     return False
 

@@ -1,0 +1,14 @@
+"""Solvers on the uniform ``init`` / ``step`` / ``solve`` contract.
+
+Every solver is a dataclass of hyperparameters (with the paper's defaults);
+``solver.solve(problem, max_iter=..., tol=...)`` or ``curvlab.solve(problem, solver)``
+runs it and returns a :class:`curvlab.Result`.
+"""
+
+from ._base import Solver, options, solve
+from ._line_search import LineSearchResult, armijo
+from .adam import Adam
+from .gradient_descent import GradientDescent
+from .newton_cg import NewtonCG
+
+__all__ = ["Solver", "options", "solve", "armijo", "LineSearchResult", "GradientDescent", "Adam", "NewtonCG"]

@@ -1,0 +1,229 @@
+"""The :class:`Solver` base class and the shared solve loop.
+
+A solver is a dataclass whose fields are its hyperparameters. All per-run state
+lives in a plain ``dict`` of tensors and Python numbers returned by
+:meth:`Solver.init` and :meth:`Solver.step`, so it can be ``torch.save``-d and
+resumed. :meth:`Solver.step` never modifies the state it is given; it returns
+a new one. Every state holds at least
+
+``x``          the current flat parameter vector,
+``value``      the objective at ``x`` (0-d tensor),
+``grad``       its gradient (flat) — for solvers that keep it,
+``grad_norm``  ``‖grad‖`` (0-d tensor), used by the stopping test,
+``iter``       iterations taken,
+``matvecs``    curvature products taken so far,
+``step_size``  the last step size (float),
+``draws``      batches drawn so far (stochastic solvers),
+``status``     ``None`` or a reason the solver wants to stop (e.g. ``"line_search_failed"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._result import History, Result
+from ..problems import Problem
+
+__all__ = ["Solver", "options", "solve"]
+
+
+def options(cls: type) -> type:
+    """Make ``cls`` a dataclass whose constructor rejects unknown options by name.
+
+    ``GradientDescent(lrr=0.1)`` raises ``TypeError: GradientDescent got unknown
+    option(s) ['lrr']; valid options: [...]`` instead of Python's generic message,
+    and ``__post_init__`` validation runs as usual.
+    """
+    cls = dataclasses.dataclass(cls)
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kw: Any) -> None:  # noqa: N807
+        unknown = sorted(set(kw) - set(names))
+        if unknown:
+            raise TypeError(f"{cls.__name__} got unknown option(s) {unknown}; valid options: {names}")
+        init(self, *args, **kw)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _check_positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+        if not ok:
+            want = "a finite number >= 0" if allow_zero else "a finite number > 0"
+            raise ValueError(f"{type(obj).__name__}.{n} must be {want}, got {v!r}")
+
+
+def _finite(t: Any) -> bool:
+    if t is None:
+        return True
+    if isinstance(t, Tensor):
+        return bool(torch.isfinite(t).all())
+    return math.isfinite(float(t))
+
+
+class Solver:
+    """Base class of every curvlab solver.
+
+    Subclasses are decorated with :func:`options` and implement :meth:`init` and
+    :meth:`step`; :meth:`solve` (the loop, stopping tests, non-finite handling,
+    history, progress bar) is shared.
+    """
+
+    #: whether the solver accepts problems of these types (checked in :meth:`check_problem`)
+    problem_types: tuple[type, ...] = (Problem,)
+
+    def check_problem(self, problem: Any) -> None:
+        """Raise a clear ``TypeError`` if ``problem`` is not a type this solver handles."""
+        if not isinstance(problem, self.problem_types):
+            names = ", ".join(t.__name__ for t in self.problem_types)
+            raise TypeError(f"{type(self).__name__} solves problems of type {names}; got {type(problem).__name__}")
+
+    def init(self, problem: Problem) -> dict[str, Any]:
+        """Create the state of a fresh run at ``problem.x0``."""
+        raise NotImplementedError
+
+    def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
+        """One iteration: return the next state (``state`` itself is not modified)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ #
+    def _record(self, state: dict[str, Any], t0: float) -> dict[str, Any]:
+        rec = {
+            "iter": int(state["iter"]),
+            "value": float(state["value"]),
+            "grad_norm": float(state["grad_norm"]) if state.get("grad_norm") is not None else float("nan"),
+            "step_size": float(state.get("step_size", float("nan"))),
+            "time": time.perf_counter() - t0,
+            "matvecs": int(state.get("matvecs", 0)),
+        }
+        for k, v in state.get("log", {}).items():
+            rec[k] = float(v) if isinstance(v, Tensor) else v
+        return rec
+
+    def solve(
+        self,
+        problem: Problem,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        callback: Any = None,
+        progress: bool = False,
+        state: dict[str, Any] | None = None,
+        raise_on_nan: bool = False,
+    ) -> Result:
+        """Run the solver until convergence, ``max_iter`` iterations, or a stop.
+
+        Args:
+            problem: the problem (:class:`~curvlab.Minimize`, :class:`~curvlab.LeastSquares`,
+                :class:`~curvlab.SupervisedLoss`, …).
+            max_iter: iteration count at which to stop, counted from the start of the run
+                (a resumed ``state`` continues up to it).
+            tol: stop when the gradient norm at the current point is ``<= tol``.
+            callback: ``callback(state) -> bool | None`` after every iteration; returning
+                ``True`` stops the run with status ``"callback"``.
+            progress: show a tqdm progress bar with the current value.
+            state: a state to resume from (as returned in :attr:`Result.state`).
+            raise_on_nan: raise ``FloatingPointError`` instead of stopping with ``status="nan"``.
+
+        Returns:
+            A :class:`~curvlab.Result`.
+
+        Raises:
+            ValueError: if ``max_iter < 1`` or ``tol < 0``.
+            TypeError: if the problem type is not supported by this solver.
+            FloatingPointError: on non-finite values when ``raise_on_nan=True``.
+        """
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        self.check_problem(problem)
+        t0 = time.perf_counter()
+        history = History()
+        if state is None:
+            state = self.init(problem)
+        status, message = None, ""
+        if not (_finite(state["value"]) and _finite(state.get("grad_norm"))):
+            status, message = "nan", "the objective or its gradient is not finite at the starting point"
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_iter, initial=int(state["iter"]), desc=type(self).__name__)
+        try:
+            while status is None:
+                gn = state.get("grad_norm")
+                if gn is not None and float(gn) <= tol:
+                    status, message = "converged", f"gradient norm {float(gn):.3g} <= tol {tol:.3g}"
+                    break
+                if state.get("status"):
+                    status = state["status"]
+                    message = state.get("message", status)
+                    break
+                if state["iter"] >= max_iter:
+                    status, message = "max_iter", f"reached max_iter={max_iter}"
+                    break
+                new = self.step(problem, state)
+                if not (_finite(new["value"]) and _finite(new.get("grad_norm")) and _finite(new["x"])):
+                    status = "nan"
+                    message = (
+                        f"non-finite value at iteration {int(new['iter'])}; returning the last finite parameters"
+                    )
+                    break
+                if abs(float(new["value"])) > 1e100:
+                    status, message = "diverged", f"objective {float(new['value']):.3g} blew up"
+                    state = new
+                    break
+                state = new
+                history.append(self._record(state, t0))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(value=f"{float(state['value']):.4g}")
+                if callback is not None and callback(state):
+                    status, message = "callback", "stopped by the callback"
+        finally:
+            if bar is not None:
+                bar.close()
+        if status == "nan" and raise_on_nan:
+            raise FloatingPointError(message)
+        return Result(
+            params=problem.spec.to_user(state["x"]),
+            value=float(state["value"]),
+            n_iter=int(state["iter"]),
+            converged=status == "converged",
+            status=status,
+            history=history,
+            state=state,
+            flat=state["x"].detach().clone(),
+            message=message,
+        )
+
+
+def solve(problem: Problem, solver: Solver, **kwargs: Any) -> Result:
+    """Solve ``problem`` with ``solver``: the same as ``solver.solve(problem, **kwargs)``.
+
+    Args:
+        problem: a curvlab problem.
+        solver: a :class:`Solver` instance.
+        **kwargs: ``max_iter``, ``tol``, ``callback``, ``progress``, ``state``, ``raise_on_nan``.
+
+    Returns:
+        The :class:`~curvlab.Result`.
+
+    Raises:
+        TypeError: if ``solver`` is not a curvlab solver.
+    """
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a curvlab solver instance, got {type(solver).__name__}")
+    return solver.solve(problem, **kwargs)

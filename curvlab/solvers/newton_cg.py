@@ -1,0 +1,89 @@
+"""Hessian-free Newton: truncated CG on the Newton system with an Armijo line search."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..linalg.cg import cg
+from ..problems import ALL, Problem
+from ._base import Solver, _check_positive, options
+from ._common import fresh_state, point
+from ._line_search import armijo
+
+__all__ = ["NewtonCG"]
+
+
+@options
+class NewtonCG(Solver):
+    r"""Line-search Newton-CG (Nocedal & Wright 2006, Alg. 7.1), matrix-free.
+
+    Each iteration builds the Hessian operator at :math:`x_k` (one gradient graph,
+    reused by every CG product) and solves :math:`(H_k + \lambda I) d = -g_k` by
+    conjugate gradients to the forcing tolerance
+    :math:`\|r\| \le \eta_k \|g_k\|`, :math:`\eta_k = \min(0.5, \sqrt{\|g_k\|})`
+    (superlinear convergence, N&W eq. 7.3). Negative curvature is handled as in
+    Steihaug's truncated CG: CG stops at the first direction with
+    :math:`pᵀHp \le 0` and returns the iterate so far, or :math:`-g_k` if that
+    happens on the first CG step. The step length comes from Armijo backtracking
+    from :math:`t = 1` (Alg. 3.1). Deterministic: uses the whole dataset.
+
+    Args:
+        damping: :math:`\lambda \ge 0` added to the Hessian.
+        cg_tol: fixed relative CG tolerance; ``None`` uses the forcing sequence above.
+        cg_maxiter: CG iteration cap per Newton step.
+        line_search: Armijo backtracking on/off (off takes the full step).
+        c1: Armijo constant (N&W default 1e-4).
+        shrink: backtracking factor.
+        max_backtracks: trials per line search.
+        hessian_mode: product mode of :func:`curvlab.linops.hessian`.
+    """
+
+    damping: float = 0.0
+    cg_tol: float | None = None
+    cg_maxiter: int = 250
+    line_search: bool = True
+    c1: float = 1e-4
+    shrink: float = 0.5
+    max_backtracks: int = 40
+    hessian_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "damping", allow_zero=True)
+        _check_positive(self, "c1", "shrink")
+        if self.cg_tol is not None:
+            _check_positive(self, "cg_tol")
+        if not isinstance(self.cg_maxiter, int) or self.cg_maxiter < 1:
+            raise ValueError(f"NewtonCG.cg_maxiter must be an integer >= 1, got {self.cg_maxiter!r}")
+
+    def init(self, problem: Problem) -> dict[str, Any]:
+        return fresh_state(problem)
+
+    def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
+        x, g, f0 = state["x"], state["grad"], state["value"]
+        H = problem.hessian(x, ALL, mode=self.hessian_mode)
+        A = H.damped(self.damping) if self.damping > 0 else H
+        gnorm = float(state["grad_norm"])
+        eta = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
+        res = cg(A, -g, tol=eta, maxiter=self.cg_maxiter)
+        d = res.x
+        if res.negative_curvature and not bool(d.abs().sum() > 0):
+            d = -g
+        slope = torch.dot(g, d)
+        if not slope < 0:  # not a descent direction (e.g. CG broke down): fall back to steepest descent
+            d, slope = -g, -torch.dot(g, g)
+        matvecs = state["matvecs"] + res.n_matvecs
+        if self.line_search:
+            ls = armijo(lambda t: problem.value(x + t * d, ALL), f0, slope, 1.0, self.c1, self.shrink,
+                        self.max_backtracks)
+            if not ls.success:
+                return {**state, "matvecs": matvecs, "status": "line_search_failed",
+                        "message": "Armijo line search found no decrease (at the limit of precision?)"}
+            t = ls.t
+        else:
+            t = 1.0
+        new = point(problem, x + t * d, ALL)
+        log = {"cg_iters": res.n_iter, "negative_curvature": bool(res.negative_curvature)}
+        return {**state, **new, "iter": state["iter"] + 1, "step_size": t, "matvecs": matvecs, "log": log}

@@ -1,0 +1,206 @@
+"""Problems, the solve loop, Result, save/resume and non-finite handling."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+import curvlab as cl
+
+
+def rosen(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def test_newton_cg_rosenbrock_matches_scipy():
+    x0 = torch.tensor([-1.2, 1.0] * 5, dtype=torch.float64)
+    r = cl.solve(cl.Minimize(rosen, x0), cl.solvers.NewtonCG(), max_iter=500, tol=1e-10)
+    assert r.converged and r.status == "converged"
+    ref = scipy.optimize.minimize(scipy.optimize.rosen, x0.numpy(), jac=scipy.optimize.rosen_der,
+                                  hess=scipy.optimize.rosen_hess, method="Newton-CG",
+                                  options={"xtol": 1e-14})
+    assert ref.success
+    np.testing.assert_allclose(r.params.numpy(), ref.x, atol=1e-8)
+    g = torch.func.grad(rosen)(r.params)
+    assert g.norm() <= 1e-10
+    assert r.history["grad_norm"][-1] <= 1e-10 and r.history["matvecs"][-1] > 0
+    assert torch.equal(x0, torch.tensor([-1.2, 1.0] * 5, dtype=torch.float64))  # input untouched
+
+
+def test_newton_cg_logistic_regression_breast_cancer_matches_scipy():
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    Xt, yt = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+    lam = 1e-2
+
+    def loss(params, batch):
+        w, b = params["w"], params["b"]
+        Xb, yb = batch
+        z = Xb @ w + b
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, yb) + 0.5 * lam * (w @ w)
+
+    params = {"w": torch.zeros(30, dtype=torch.float64), "b": torch.zeros((), dtype=torch.float64)}
+    r = cl.solve(cl.Minimize(loss, params, data=(Xt, yt)), cl.solvers.NewtonCG(), max_iter=100, tol=1e-10)
+    assert r.converged
+
+    def fnp(theta):
+        z = X @ theta[:30] + theta[30]
+        return np.mean(np.logaddexp(0, z) - y * z) + 0.5 * lam * theta[:30] @ theta[:30]
+
+    def gnp(theta):
+        z = X @ theta[:30] + theta[30]
+        s = 1 / (1 + np.exp(-z)) - y
+        return np.concatenate([X.T @ s / len(y) + lam * theta[:30], [s.mean()]])
+
+    ref = scipy.optimize.minimize(fnp, np.zeros(31), jac=gnp, method="BFGS", options={"gtol": 1e-11})
+    np.testing.assert_allclose(r.params["w"].numpy(), ref.x[:30], atol=1e-7)
+    assert abs(r.value - ref.fun) < 1e-12
+    # same problem over several batches gives the same optimum
+    batches = [(Xt[i : i + 100], yt[i : i + 100]) for i in range(0, len(yt), 100)]
+    r2 = cl.solve(cl.Minimize(loss, params, data=batches), cl.solvers.NewtonCG(), max_iter=100, tol=1e-10)
+    np.testing.assert_allclose(r2.params["w"].numpy(), r.params["w"].numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [cl.solvers.GradientDescent(lr=1e-3, momentum=0.9), cl.solvers.Adam(lr=1e-2), cl.solvers.NewtonCG(),
+     cl.solvers.GradientDescent(lr=1.0, line_search=True)],
+)
+def test_save_resume_bit_identical(solver):
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    batches = [(X[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+
+    def loss(w, batch):
+        return ((torch.tanh(batch[0] @ w) - batch[1]) ** 2).mean() + (w**4).sum()
+
+    problem = cl.Minimize(loss, torch.ones(3, dtype=torch.float64), data=batches)
+    full = solver.solve(problem, max_iter=12, tol=0.0)
+    part = solver.solve(problem, max_iter=5, tol=0.0)
+    buf = io.BytesIO()
+    torch.save(part.state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    rest = solver.solve(problem, max_iter=12, tol=0.0, state=state)
+    assert rest.n_iter == full.n_iter == 12
+    assert torch.equal(rest.flat, full.flat)
+    assert rest.history["value"] == full.history["value"][5:]
+
+
+def test_nan_stops_with_last_finite_params():
+    def loss(x):
+        return torch.where(x.sum() > 2.5, torch.tensor(float("nan"), dtype=x.dtype), ((x - 3) ** 2).sum())
+
+    r = cl.solve(cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)), cl.solvers.GradientDescent(lr=0.4), max_iter=50)
+    assert r.status == "nan" and not r.converged
+    assert torch.isfinite(r.flat).all() and r.flat.item() <= 2.5
+    with pytest.raises(FloatingPointError):
+        cl.solve(cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)), cl.solvers.GradientDescent(lr=0.4),
+                 max_iter=50, raise_on_nan=True)
+    r0 = cl.solve(cl.Minimize(lambda x: x.sum() / 0 * 0, torch.zeros(1)), cl.solvers.NewtonCG())
+    assert r0.status == "nan" and r0.n_iter == 0
+
+
+def test_line_search_never_accepts_nan():
+    def loss(x):  # NaN beyond 1, minimum at 0.9
+        return torch.where(x > 1, torch.full_like(x, float("nan")), (x - 0.9) ** 2).sum()
+
+    r = cl.solve(cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)), cl.solvers.NewtonCG(), max_iter=20)
+    assert r.converged and abs(r.flat.item() - 0.9) < 1e-8
+
+
+def test_result_fields_history_callback_progress():
+    p = cl.Minimize(lambda x: ((x - 1) ** 2).sum(), torch.zeros(3))
+    seen = []
+    r = cl.solvers.GradientDescent(lr=0.1).solve(p, max_iter=30, callback=lambda s: seen.append(s["iter"]) or s["iter"] >= 7,
+                                                 progress=True)
+    assert r.status == "callback" and r.n_iter == 7 and seen == list(range(1, 8))
+    assert len(r.history) == 7 and set(r.history.keys()) >= {"value", "grad_norm", "step_size", "time", "matvecs"}
+    assert r.history[-1]["value"] == r.history["value"][-1] == r.value
+    assert r.fun == r.value and r.nit == r.n_iter and r.success is False
+    r = cl.solvers.GradientDescent(lr=0.5).solve(p, max_iter=100, tol=1e-6)
+    assert r.converged and r.status == "converged"
+
+
+def test_module_params_come_back_as_a_module():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1).double()
+    X = torch.randn(20, 2, dtype=torch.float64)
+    Y = X @ torch.tensor([[1.0], [-2.0]], dtype=torch.float64) + 0.5
+    prob = cl.SupervisedLoss(net, lambda o, y: ((o - y) ** 2).sum(-1), None, (X, Y))
+    r = cl.solve(prob, cl.solvers.NewtonCG(), max_iter=20, tol=1e-10)
+    assert isinstance(r.params, torch.nn.Linear)
+    torch.testing.assert_close(r.params.weight.detach(), torch.tensor([[1.0, -2.0]], dtype=torch.float64))
+    assert not torch.allclose(net.weight.detach(), r.params.weight.detach())
+
+
+def test_least_squares_objective_scaling():
+    A = torch.randn(6, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    prob = cl.LeastSquares(lambda x: A @ x - b, torch.zeros(3, dtype=torch.float64))
+    x = torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(prob.value(x), 0.5 * ((A @ x - b) ** 2).sum() / 6)
+    torch.testing.assert_close(prob.jacobian(x).to_dense(), A)
+    r = cl.solve(prob, cl.solvers.NewtonCG(), tol=1e-12)
+    torch.testing.assert_close(r.params, torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="scalar"):
+        cl.Minimize(lambda x: x * 2, torch.zeros(3))
+    with pytest.raises(TypeError, match="loss must be callable"):
+        cl.Minimize("loss", torch.zeros(3))
+    with pytest.raises(TypeError, match="floating"):
+        cl.Minimize(lambda x: x.sum(), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="data"):
+        cl.Minimize(lambda w, b: (b[0] @ w).sum(), torch.zeros(3), data=(torch.zeros(5, 4), torch.zeros(5)))
+    with pytest.raises(ValueError, match="max_iter"):
+        cl.solvers.NewtonCG().solve(cl.Minimize(lambda x: x.sum(), torch.zeros(1)), max_iter=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['lrr'\]"):
+        cl.solvers.GradientDescent(lrr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        cl.solvers.Adam(lr=-1.0)
+    with pytest.raises(ValueError, match="per-sample"):
+        cl.SupervisedLoss(lambda p, x: x @ p, lambda o, y: ((o - y) ** 2).mean(), torch.zeros(2),
+                          (torch.zeros(4, 2), torch.zeros(4)))
+    with pytest.raises(ValueError, match="one-shot"):
+        cl.Minimize(lambda w, b: w.sum(), torch.zeros(1), data=iter([torch.zeros(1)]))
+    with pytest.raises(TypeError, match="solver"):
+        cl.solve(cl.Minimize(lambda x: x.sum(), torch.zeros(1)), "NewtonCG")
+
+
+def test_adam_matches_torch_optim():
+    torch.manual_seed(0)
+    w0 = torch.randn(4, dtype=torch.float64)
+
+    def loss(w):
+        return ((w - torch.arange(4.0, dtype=torch.float64)) ** 4).sum()
+
+    r = cl.solvers.Adam(lr=0.05).solve(cl.Minimize(loss, w0), max_iter=25, tol=0.0)
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(25):
+        opt.zero_grad()
+        loss(w).backward()
+        opt.step()
+    torch.testing.assert_close(r.params, w.detach(), atol=1e-14, rtol=0)
+
+
+def test_sgd_draws_batches_in_order():
+    batches = [torch.full((2,), float(i + 1)) for i in range(3)]
+    seen = []
+
+    def loss(w, b):
+        seen.append(float(b[0]))
+        return ((w - b) ** 2).mean()
+
+    prob = cl.Minimize(loss, torch.zeros(2), data=batches)
+    seen.clear()
+    cl.solvers.GradientDescent(lr=0.1).solve(prob, max_iter=5, tol=0.0)
+    assert seen == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
