@@ -94,10 +94,17 @@ def _check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _check_square_tensor(A: Any) -> None:
+    """Reject a non-square matrix before it is wrapped (with a symmetric tag, say)."""
+    if isinstance(A, Tensor) and A.ndim == 2 and A.shape[0] != A.shape[1]:
+        raise ValueError(f"A must be a square operator, got shape {tuple(A.shape)}")
+
+
 def _square_operator(
     A: Any, n: int | None, dtype: torch.dtype, device: torch.device, symmetric: bool
 ) -> LinearOperator:
     """``A`` as a square operator; for a callable ``n``, ``dtype`` and ``device`` give its size and vectors."""
+    _check_square_tensor(A)
     op = aslinearoperator(A, shape=n, dtype=dtype, device=device, symmetric=symmetric, name="A")
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A must be a square operator, got shape {op.shape}")
@@ -177,6 +184,7 @@ def _symmetric_operator(
             f"{what} needs a symmetric operator, but A (shape {A.shape}) is not tagged symmetric; "
             "build it with symmetric=True if it is"
         )
+    _check_square_tensor(A)
     op = aslinearoperator(A, shape=n, dtype=dtype, device=device, symmetric=True, name="A")
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A must be a square operator, got shape {op.shape}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..linalg.cg import cg
+from ..linalg import cg
 from ..problems import ALL, Problem
 from ._base import Solver, _check_positive, options
 from ._common import fresh_state, point
