@@ -88,9 +88,12 @@ def lanczos(
     applied twice; with ``reorth="none"`` the plain three-term recurrence is
     used (cheaper, :math:`O(n)` memory when ``store_basis=False``, but the
     basis loses orthogonality and ``T`` grows spurious copies of converged
-    Ritz values). The process stops early (``breakdown=True``) when
-    :math:`\beta_j \le n\,\varepsilon\,\max_i \|A q_i\|`, i.e. the Krylov
-    space is invariant, and always after :math:`n` steps.
+    Ritz values). The process stops early (``breakdown=True``) when the
+    Krylov space is invariant to working precision, i.e. when
+    :math:`\beta_j \le \sqrt{\varepsilon}\,\|A q_j\|` (``A q_j`` lies in the
+    span of the basis up to the rounding that the recurrence amplifies) or
+    :math:`\beta_j \le n\,\varepsilon\,\max_i \|A q_i\|`, and always after
+    :math:`n` steps.
 
     Args:
         A: symmetric ``(n, n)`` operator: a
@@ -150,7 +153,8 @@ def lanczos(
     q_prev: Tensor | None = None
     beta_prev: Tensor | None = None
     anorm = torch.zeros((), dtype=dtype, device=device)
-    beta_tol = max(size, 10) * torch.finfo(dtype).eps
+    eps = torch.finfo(dtype).eps
+    rel_tol, abs_tol = eps**0.5, max(size, 10) * eps
     start = op.n_matvecs
     breakdown = False
     beta = torch.zeros((), dtype=dtype, device=device)
@@ -158,7 +162,8 @@ def lanczos(
         if Q is not None:
             Q[:, j] = q
         w = op.matvec(q)
-        anorm = torch.maximum(anorm, torch.linalg.vector_norm(w))
+        wnorm = torch.linalg.vector_norm(w)
+        anorm = torch.maximum(anorm, wnorm)
         alpha = torch.dot(q, w)
         w = w - alpha * q
         if beta_prev is not None and q_prev is not None:
@@ -171,7 +176,8 @@ def lanczos(
         alphas.append(alpha)
         if j == m_max - 1:
             break
-        if bool(beta <= beta_tol * anorm):  # one host sync per step: the stopping test
+        # invariant subspace: A q_j (almost) inside span(Q). One host sync per step.
+        if bool((beta <= rel_tol * wnorm) | (beta <= abs_tol * anorm)):
             breakdown = True
             break
         betas.append(beta)

@@ -45,7 +45,8 @@ class HessianOperator(CurvatureBase, LinearOperator):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self._setup(params, data, reduction, batch_size_fn, cache)
-        LinearOperator.__init__(self, (self.spec.size, self.spec.size), self.spec.dtype, self.spec.device, symmetric=True)
+        n = self.spec.size
+        LinearOperator.__init__(self, (n, n), self.spec.dtype, self.spec.device, symmetric=True)
         self.f, self.args = f, tuple(args)
         self.mode = "reverse" if mode == "auto" else mode
         self._value: Tensor | None = None

@@ -55,8 +55,10 @@ class Adam(Solver):
         p.grad = state["grad"].clone()
         opt.step()
         sd = opt.state_dict()
-        sd = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()},
-              "param_groups": sd["param_groups"]}
+        sd = {
+            "state": {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()},
+            "param_groups": sd["param_groups"],
+        }
         batch, draws = batch_for(problem, state["draws"])
         new = point(problem, p.detach(), batch)
         return {**state, **new, "adam": sd, "iter": state["iter"] + 1, "step_size": self.lr, "draws": draws}

@@ -65,7 +65,12 @@ class GradientDescent(Solver):
             if slope >= 0:
                 d, slope = -g, -torch.dot(g, g)
             ls = armijo(
-                lambda s: problem.value(x + s * d, b), state["value"], slope, self.lr, self.c1, self.shrink,
+                lambda s: problem.value(x + s * d, b),
+                state["value"],
+                slope,
+                self.lr,
+                self.c1,
+                self.shrink,
                 self.max_backtracks,
             )
             if not ls.success:

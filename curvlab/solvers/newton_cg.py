@@ -76,11 +76,16 @@ class NewtonCG(Solver):
             d, slope = -g, -torch.dot(g, g)
         matvecs = state["matvecs"] + res.n_matvecs
         if self.line_search:
-            ls = armijo(lambda t: problem.value(x + t * d, ALL), f0, slope, 1.0, self.c1, self.shrink,
-                        self.max_backtracks)
+            ls = armijo(
+                lambda t: problem.value(x + t * d, ALL), f0, slope, 1.0, self.c1, self.shrink, self.max_backtracks
+            )
             if not ls.success:
-                return {**state, "matvecs": matvecs, "status": "line_search_failed",
-                        "message": "Armijo line search found no decrease (at the limit of precision?)"}
+                return {
+                    **state,
+                    "matvecs": matvecs,
+                    "status": "line_search_failed",
+                    "message": "Armijo line search found no decrease (at the limit of precision?)",
+                }
             t = ls.t
         else:
             t = 1.0

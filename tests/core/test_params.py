@@ -24,13 +24,21 @@ def test_roundtrip(params):
     back = spec.unflatten(x)
     assert type(back) is type(params)
     leaves = [back] if isinstance(back, torch.Tensor) else list(back.values() if isinstance(back, dict) else back)
-    orig = [params] if isinstance(params, torch.Tensor) else list(params.values() if isinstance(params, dict) else params)
+    orig = (
+        [params] if isinstance(params, torch.Tensor) else list(params.values() if isinstance(params, dict) else params)
+    )
     for a, b in zip(leaves, orig):
         assert torch.equal(a, b)
     # views: gradients flow back into the flat vector
     x.requires_grad_(True)
-    s = sum(t.sum() for t in ([spec.unflatten(x)] if isinstance(params, torch.Tensor) else
-                              (spec.unflatten(x).values() if isinstance(params, dict) else spec.unflatten(x))))
+    s = sum(
+        t.sum()
+        for t in (
+            [spec.unflatten(x)]
+            if isinstance(params, torch.Tensor)
+            else (spec.unflatten(x).values() if isinstance(params, dict) else spec.unflatten(x))
+        )
+    )
     s.backward()
     assert torch.equal(x.grad, torch.ones_like(x))
 

@@ -20,9 +20,14 @@ def test_newton_cg_rosenbrock_matches_scipy():
     x0 = torch.tensor([-1.2, 1.0] * 5, dtype=torch.float64)
     r = cl.solve(cl.Minimize(rosen, x0), cl.solvers.NewtonCG(), max_iter=500, tol=1e-10)
     assert r.converged and r.status == "converged"
-    ref = scipy.optimize.minimize(scipy.optimize.rosen, x0.numpy(), jac=scipy.optimize.rosen_der,
-                                  hess=scipy.optimize.rosen_hess, method="Newton-CG",
-                                  options={"xtol": 1e-14})
+    ref = scipy.optimize.minimize(
+        scipy.optimize.rosen,
+        x0.numpy(),
+        jac=scipy.optimize.rosen_der,
+        hess=scipy.optimize.rosen_hess,
+        method="Newton-CG",
+        options={"xtol": 1e-14},
+    )
     assert ref.success
     np.testing.assert_allclose(r.params.numpy(), ref.x, atol=1e-8)
     g = torch.func.grad(rosen)(r.params)
@@ -69,8 +74,12 @@ def test_newton_cg_logistic_regression_breast_cancer_matches_scipy():
 
 @pytest.mark.parametrize(
     "solver",
-    [cl.solvers.GradientDescent(lr=1e-3, momentum=0.9), cl.solvers.Adam(lr=1e-2), cl.solvers.NewtonCG(),
-     cl.solvers.GradientDescent(lr=1.0, line_search=True)],
+    [
+        cl.solvers.GradientDescent(lr=1e-3, momentum=0.9),
+        cl.solvers.Adam(lr=1e-2),
+        cl.solvers.NewtonCG(),
+        cl.solvers.GradientDescent(lr=1.0, line_search=True),
+    ],
 )
 def test_save_resume_bit_identical(solver):
     torch.manual_seed(0)
@@ -97,12 +106,18 @@ def test_nan_stops_with_last_finite_params():
     def loss(x):
         return torch.where(x.sum() > 2.5, torch.tensor(float("nan"), dtype=x.dtype), ((x - 3) ** 2).sum())
 
-    r = cl.solve(cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)), cl.solvers.GradientDescent(lr=0.4), max_iter=50)
+    r = cl.solve(
+        cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)), cl.solvers.GradientDescent(lr=0.4), max_iter=50
+    )
     assert r.status == "nan" and not r.converged
     assert torch.isfinite(r.flat).all() and r.flat.item() <= 2.5
     with pytest.raises(FloatingPointError):
-        cl.solve(cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)), cl.solvers.GradientDescent(lr=0.4),
-                 max_iter=50, raise_on_nan=True)
+        cl.solve(
+            cl.Minimize(loss, torch.zeros(1, dtype=torch.float64)),
+            cl.solvers.GradientDescent(lr=0.4),
+            max_iter=50,
+            raise_on_nan=True,
+        )
     r0 = cl.solve(cl.Minimize(lambda x: x.sum() / 0 * 0, torch.zeros(1)), cl.solvers.NewtonCG())
     assert r0.status == "nan" and r0.n_iter == 0
 
@@ -118,8 +133,9 @@ def test_line_search_never_accepts_nan():
 def test_result_fields_history_callback_progress():
     p = cl.Minimize(lambda x: ((x - 1) ** 2).sum(), torch.zeros(3))
     seen = []
-    r = cl.solvers.GradientDescent(lr=0.1).solve(p, max_iter=30, callback=lambda s: seen.append(s["iter"]) or s["iter"] >= 7,
-                                                 progress=True)
+    r = cl.solvers.GradientDescent(lr=0.1).solve(
+        p, max_iter=30, callback=lambda s: seen.append(s["iter"]) or s["iter"] >= 7, progress=True
+    )
     assert r.status == "callback" and r.n_iter == 7 and seen == list(range(1, 8))
     assert len(r.history) == 7 and set(r.history.keys()) >= {"value", "grad_norm", "step_size", "time", "matvecs"}
     assert r.history[-1]["value"] == r.history["value"][-1] == r.value
@@ -167,8 +183,9 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="lr"):
         cl.solvers.Adam(lr=-1.0)
     with pytest.raises(ValueError, match="per-sample"):
-        cl.SupervisedLoss(lambda p, x: x @ p, lambda o, y: ((o - y) ** 2).mean(), torch.zeros(2),
-                          (torch.zeros(4, 2), torch.zeros(4)))
+        cl.SupervisedLoss(
+            lambda p, x: x @ p, lambda o, y: ((o - y) ** 2).mean(), torch.zeros(2), (torch.zeros(4, 2), torch.zeros(4))
+        )
     with pytest.raises(ValueError, match="one-shot"):
         cl.Minimize(lambda w, b: w.sum(), torch.zeros(1), data=iter([torch.zeros(1)]))
     with pytest.raises(TypeError, match="solver"):

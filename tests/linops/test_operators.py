@@ -66,11 +66,13 @@ def test_ggn_dense(loss, multi):
     G = cl.linops.ggn(model, loss_fn, params, data)
     J = torch.func.jacrev(lambda x: model(spec.unflatten(x), X))(x0)  # (N, C, P)
     out = model(params, X)
-    Q = torch.stack([torch.func.hessian(lambda o: loss_fn(o[None], y[None]).sum())(o) for o, y in zip(out, Y)])
+    Q = torch.stack([torch.func.hessian(lambda o, y=y: loss_fn(o[None], y[None]).sum())(o) for o, y in zip(out, Y)])
     Gd = torch.einsum("ncp,ncd,ndq->pq", J, Q, J) / X.shape[0]
     assert G.is_psd
     torch.testing.assert_close(G.to_dense(), Gd, atol=TOL, rtol=0)
-    torch.testing.assert_close(G.gradient, torch.func.grad(lambda x: f(spec.unflatten(x), (X, Y)))(x0), atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        G.gradient, torch.func.grad(lambda x: f(spec.unflatten(x), (X, Y)))(x0), atol=TOL, rtol=0
+    )
 
 
 def test_ggn_of_mse_is_jtj_and_cross_entropy_block():
@@ -167,6 +169,44 @@ def test_errors():
         cl.linops.hessian(lambda x: (x**2).sum(), torch.zeros(3)).matvec(torch.ones(4))
     params, model, loss_fn, f, X, Y, spec = make_mlp("mse")
     with pytest.raises(ValueError, match="per-sample"):
-        cl.linops.ggn(model, lambda o, y: ((o - y) ** 2).mean(), params, (X, Y)).matvec(torch.ones(spec.size, dtype=torch.float64))
+        cl.linops.ggn(model, lambda o, y: ((o - y) ** 2).mean(), params, (X, Y)).matvec(
+            torch.ones(spec.size, dtype=torch.float64)
+        )
     with pytest.raises(ValueError, match="data"):
         cl.linops.ggn(model, loss_fn, params, None)
+
+
+def test_dataloader_data_sums_exactly():
+    params, model, loss_fn, f, X, Y, spec = make_mlp("ce", n=20)
+    ds = torch.utils.data.TensorDataset(X, Y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=6, shuffle=False)  # last batch has 2 samples
+    H = cl.linops.hessian(f, params, data=loader)
+    torch.testing.assert_close(H.to_dense(), dense_hessian(f, spec, (X, Y)), atol=TOL, rtol=0)
+    G = cl.linops.ggn(model, loss_fn, params, loader)
+    G1 = cl.linops.ggn(model, loss_fn, params, (X, Y))
+    v = torch.randn(spec.size, dtype=torch.float64)
+    torch.testing.assert_close(G @ v, G1 @ v, atol=TOL, rtol=0)
+
+
+def test_params_on_different_devices_rejected():
+    with pytest.raises(ValueError, match="device"):
+        cl.linops.hessian(lambda p: p[0].sum(), (torch.zeros(2), torch.zeros(2, device="meta")))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operators_stay_on_the_parameters_device(device):
+    params, model, loss_fn, f, X, Y, spec = make_mlp("ce")
+    p = {k: v.to(device) for k, v in params.items()}
+    data = (X.to(device), Y.to(device))
+    for op in (
+        cl.linops.hessian(f, p, data=data),
+        cl.linops.ggn(model, loss_fn, p, data),
+        cl.linops.fisher(model, loss_fn, p, data),
+    ):
+        out = op @ torch.ones(op.shape[0], dtype=torch.float64, device=device)
+        assert out.device.type == device and op.device.type == device
+    Hd = dense_hessian(f, spec, (X, Y))
+    torch.testing.assert_close(cl.linops.hessian(f, p, data=data).to_dense().cpu(), Hd, atol=1e-9, rtol=0)
