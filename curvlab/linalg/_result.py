@@ -1,9 +1,10 @@
-"""Result container of the Krylov solvers and the input handling they share.
+"""Result container of the Krylov solvers and the input handling the routines share.
 
 :class:`KrylovResult` is what :func:`~curvlab.linalg.cg`,
 :func:`~curvlab.linalg.minres` and :func:`~curvlab.linalg.gmres` return. The
 private helpers below turn the user's ``A``, ``b``, ``x0`` and ``M`` into
-operators and ``(n, k)`` blocks once, with one set of error messages, and keep
+operators and ``(n, k)`` blocks once, with one set of error messages (also
+used by :func:`~curvlab.linalg.lanczos` and the randomized routines), and keep
 the per-column bookkeeping of block solves (columns that finish are written
 out and dropped from the working set) in one place.
 """
