@@ -2,10 +2,12 @@
 
 Matrix-free curvature operators (:mod:`curvlab.linops`), Krylov and randomized
 linear algebra (:mod:`curvlab.linalg`), problems and the uniform ``solve`` loop,
-and second-order solvers (:mod:`curvlab.solvers`).
+second-order solvers (:mod:`curvlab.solvers`), their ``torch.optim``
+adapters (:mod:`curvlab.optim`) and Hessian spectrum analysis
+(:mod:`curvlab.spectrum`).
 """
 
-from . import linalg, linops, solvers
+from . import linalg, linops, optim, solvers, spectrum
 from ._result import History, Result
 from .problems import ALL, LeastSquares, Minimize, Problem, SupervisedLoss
 from .solvers import solve
@@ -14,7 +16,9 @@ __version__ = "0.1.0"
 __all__ = [
     "linalg",
     "linops",
+    "optim",
     "solvers",
+    "spectrum",
     "Problem",
     "Minimize",
     "LeastSquares",

@@ -71,11 +71,16 @@ class Problem:
             return self.data.raw
         if isinstance(self.data.raw, (list, tuple)):
             return self.data.raw[position % len(self.data.raw)]
+        last = getattr(self, "_last_draw", None)
+        if last is not None and last[0] == position:
+            return last[1]  # the current batch again (e.g. a line search re-evaluating it)
         if self._stream is None or self._stream_pos != position:
             self._stream = self.data.stream(position)
             self._stream_pos = position
         self._stream_pos += 1
-        return next(self._stream)
+        batch = next(self._stream)
+        self._last_draw = (position, batch)
+        return batch
 
     # --------------------------------------------------------------- values
     def _scalar(self, v: Any) -> Tensor:

@@ -7,6 +7,9 @@ import torch
 
 from curvlab._params import ParamSpec
 
+# Two threads on a shared 2-core box make small ops far slower; tests are small.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

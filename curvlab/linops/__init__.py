@@ -9,6 +9,7 @@ from .fisher import FisherOperator, fisher
 from .ggn import GGNOperator, ggn
 from .hessian import HessianOperator, hessian
 from .jacobian import GramOperator, JacobianOperator, gram, jacobian
+from .restrict import RestrictedOperator, blocks, restrict
 
 __all__ = [
     "LinearOperator",
@@ -26,4 +27,7 @@ __all__ = [
     "JacobianOperator",
     "gram",
     "GramOperator",
+    "restrict",
+    "blocks",
+    "RestrictedOperator",
 ]

@@ -8,7 +8,11 @@ runs it and returns a :class:`curvlab.Result`.
 from ._base import Solver, options, solve
 from ._line_search import LineSearchResult, armijo
 from .adam import Adam
+from .egn import EGN
+from .gauss_newton import GaussNewton
 from .gradient_descent import GradientDescent
 from .newton_cg import NewtonCG
+from .sven import Sven
 
-__all__ = ["Solver", "options", "solve", "armijo", "LineSearchResult", "GradientDescent", "Adam", "NewtonCG"]
+__all__ = ["Solver", "options", "solve", "armijo", "LineSearchResult", "GradientDescent", "Adam", "NewtonCG",
+           "GaussNewton", "EGN", "Sven"]

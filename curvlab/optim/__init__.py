@@ -1,0 +1,17 @@
+"""``torch.optim.Optimizer`` adapters of curvlab's network-training solvers.
+
+For users who keep their own training loop: each optimizer takes a closure that
+evaluates the model on the current mini-batch (without calling ``backward``) and
+returns what the method needs, and round-trips its state through ``state_dict`` /
+``load_state_dict``.
+
+* :class:`EGN` — ``closure() -> (per_sample_losses, outputs)``.
+* :class:`Sven` — ``closure() -> per_sample_losses``.
+* :class:`ClosureOptimizer` — the shared base (flat parameter view, state handling).
+"""
+
+from ._base import ClosureOptimizer
+from .egn import EGN
+from .sven import Sven
+
+__all__ = ["ClosureOptimizer", "EGN", "Sven"]

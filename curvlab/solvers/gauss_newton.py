@@ -1,0 +1,366 @@
+r"""Gauss-Newton with Levenberg-Marquardt damping chosen by Moré's trust-region rule.
+
+J. J. Moré, "The Levenberg-Marquardt algorithm: implementation and theory", in Numerical
+Analysis (G. A. Watson, ed.), Lecture Notes in Mathematics 630, Springer 1978, pp. 105-116
+(the algorithm of MINPACK's ``lmder``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg import cg
+from ..linops import gram
+from ..problems import ALL, LeastSquares, Problem
+from ._base import Solver, _check_positive, options
+from ._jacobians import JACOBIAN_MODES, residual_rows
+
+__all__ = ["GaussNewton", "lm_parameter"]
+
+_METHODS = ("auto", "dense", "gram", "cg")
+_DWARF = 1e-300
+
+
+def _qnorm(S: Tensor, c: Tensor, lam: float, cut: Tensor) -> tuple[float, float]:
+    r"""``‖q(λ)‖`` and :math:`w = \sum s^2c^2/(s^2+λ)^3` for :math:`q_i = s_ic_i/(s_i^2+λ)`."""
+    if lam == 0:
+        Sk, ck = S[cut], c[cut]
+        q = ck / Sk
+        w = float(((ck**2) / Sk**4).sum())
+    else:
+        den = S**2 + lam
+        q = S * c / den
+        w = float(((S * c) ** 2 / den**3).sum())
+    return float(q.norm()), w
+
+
+def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bool) -> float:
+    r"""Moré's Levenberg-Marquardt parameter for the trust region ``‖q‖ <= Δ`` (Moré 1978; MINPACK ``lmpar``).
+
+    With the (scaled) Jacobian :math:`J_s = U\operatorname{diag}(s)V^\top` and :math:`c = U^\top r`,
+    the step :math:`q(\lambda) = -(J_s^\top J_s + \lambda I)^{-1}J_s^\top r` has
+    :math:`\|q(\lambda)\|^2 = \sum_i s_i^2c_i^2/(s_i^2+\lambda)^2`. Returns :math:`\lambda = 0` when the
+    Gauss-Newton step (minimum norm for rank-deficient :math:`J_s`) satisfies
+    :math:`\|q(0)\| \le 1.1\Delta`, otherwise a :math:`\lambda > 0` with
+    :math:`|\|q(\lambda)\| - \Delta| \le 0.1\Delta` from Hebden's safeguarded Newton iteration on
+    :math:`1/\|q(\lambda)\| - 1/\Delta` (at most 10 iterations, as MINPACK), started from ``par0``.
+
+    Args:
+        S: singular values of :math:`J_s`, descending.
+        c: :math:`U^\top r`.
+        delta: trust-region radius :math:`\Delta > 0`.
+        par0: the previous parameter (initial guess).
+        full_rank: whether :math:`J_s` has full column rank (enables the lower bound).
+
+    Returns:
+        :math:`\lambda \ge 0`.
+    """
+    if S.numel() == 0:
+        return 0.0
+    eps = torch.finfo(S.dtype).eps
+    cut = S > eps * S[0] * max(S.numel(), 1) if S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+    if not bool(cut.any()):
+        return 0.0
+    dxnorm, w0 = _qnorm(S, c, 0.0, cut)
+    fp = dxnorm - delta
+    if fp <= 0.1 * delta:
+        return 0.0
+    parl = fp / delta * dxnorm**2 / w0 if (full_rank and bool(cut.all()) and w0 > 0) else 0.0
+    gnorm = float((S * c).norm())
+    paru = gnorm / delta
+    if paru == 0:
+        paru = _DWARF / min(delta, 0.1)
+    par = min(max(par0, parl), paru)
+    if par == 0:
+        par = gnorm / dxnorm
+    for it in range(1, 11):
+        if par == 0:
+            par = max(_DWARF, 0.001 * paru)
+        dxnorm, w = _qnorm(S, c, par, cut)
+        temp, fp = fp, dxnorm - delta
+        if abs(fp) <= 0.1 * delta or (parl == 0 and fp <= temp < 0) or it == 10:
+            break
+        parc = fp / delta * dxnorm**2 / w if w > 0 else 0.0
+        if fp > 0:
+            parl = max(parl, par)
+        if fp < 0:
+            paru = min(paru, par)
+        par = max(parl, par + parc)
+    return par
+
+
+@options
+class GaussNewton(Solver):
+    r"""Gauss-Newton with Levenberg-Marquardt damping for :class:`~curvlab.LeastSquares` (Moré 1978).
+
+    Each iteration solves the damped Gauss-Newton system for the residuals :math:`r(x)` and
+    their Jacobian :math:`J`,
+
+    .. math::
+        (J^\top J + \lambda D^2)\,p = -J^\top r \quad\Longleftrightarrow\quad
+        p = -D^{-2}J^\top (J D^{-2} J^\top + \lambda I)^{-1} r \;\text{(Duncan-Guttman)},
+
+    and accepts :math:`x + p` when the ratio :math:`\rho` of actual to predicted reduction of
+    :math:`\|r\|^2` is at least :math:`10^{-4}`. The damping follows Moré's trust-region rule
+    (Moré 1978, the step-bound update; MINPACK ``lmder``): a radius :math:`\Delta` (initially
+    ``factor``·:math:`\|Dx_0\|`) shrinks by a factor in [0.1, 0.5] when :math:`\rho \le 0.25` and is
+    set to :math:`2\|Dp\|` when :math:`\rho \ge 0.75` (or :math:`\lambda = 0`), and :math:`\lambda` is
+    the Levenberg-Marquardt parameter of that radius (:func:`lm_parameter`; :math:`\lambda = 0`,
+    a pure Gauss-Newton step, whenever it fits, so convergence is quadratic on
+    zero-residual problems). :math:`D` holds the running maxima of the column norms of
+    :math:`J` (Moré's scale invariance; ``scale=False`` uses :math:`D = I`).
+
+    The linear algebra picks the cheaper exact form (``method="auto"``):
+
+    * ``"dense"`` — :math:`J` materialised (forward mode when there are fewer parameters
+      than residuals, batched vjps otherwise) and the thin SVD of :math:`JD^{-1}` taken once
+      per Jacobian; it solves the parameter-sized system when :math:`m \ge n` and the
+      residual-sized (Duncan-Guttman) one when :math:`m < n`, without forming
+      :math:`J^\top J` (whose condition number is squared), and gives Moré's :math:`\lambda`
+      for any :math:`\Delta` in closed form. Chosen when :math:`n \le` ``dense_max``.
+    * ``"gram"`` — fewer residuals than parameters, many parameters: the ``m × m`` Gram
+      matrix :math:`JJ^\top` is formed by ``m`` vjps of the matrix-free
+      :class:`~curvlab.linops.JacobianOperator` and factored by ``eigh``;
+      :math:`p = -J^\top U\operatorname{diag}(1/(s^2+\lambda))U^\top r` (one more vjp), Moré's
+      rule with :math:`D = I`. Chosen when :math:`m \le` ``gram_max`` :math:`< n`.
+    * ``"cg"`` — both large: :math:`(J^\top J + \lambda I)p = -J^\top r` by conjugate gradients
+      on the matrix-free operators (:math:`Jv` by a double vjp, :math:`J^\top u` by a vjp), and
+      :math:`\lambda` itself updated with Moré's factors (divided by the radius shrink factor
+      on a poor step, halved on a good one, at least ``damping`` after a poor step).
+
+    Stopping: the shared gradient test (``tol`` on :math:`\|J^\top r\|/n`), plus MINPACK's
+    tests as ``status="converged"``: ``ftol`` (actual and predicted relative reductions of
+    :math:`\|r\|^2` both at most ``ftol``) and ``xtol`` (:math:`\Delta \le` ``xtol``·:math:`\|Dx\|`).
+    Trial points with non-finite residuals are never accepted (the radius shrinks); if
+    they persist until the radius collapses, the run stops with ``status="nan"``.
+
+    Args:
+        factor: initial radius factor (MINPACK: 100).
+        scale: Moré's variable scaling :math:`D` (MINPACK ``mode=1``).
+        xtol: relative step tolerance (clamped below at machine epsilon).
+        ftol: relative reduction tolerance (clamped below at machine epsilon).
+        method: ``"auto"``, ``"dense"``, ``"gram"`` or ``"cg"``.
+        dense_max: largest parameter count for ``"dense"`` under ``"auto"``.
+        gram_max: largest residual count for ``"gram"`` under ``"auto"``.
+        damping: initial :math:`\lambda` of ``"cg"`` (and its floor after a rejected step).
+        cg_tol: relative CG tolerance.
+        cg_maxiter: CG iteration cap.
+        jacobian: how ``"dense"`` materialises :math:`J`: ``"auto"`` (forward or reverse mode by
+            shape, exact for any residuals) or ``"per_sample"`` (``vmap`` over the samples of each
+            batch, much cheaper for data fitting, where residual row ``i`` belongs to sample ``i``).
+        chunk_size: Jacobian products per vectorised pass (``None``: by a memory budget).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> rosen = cl.LeastSquares(lambda x: torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]]),
+        ...                         torch.tensor([-1.2, 1.0], dtype=torch.float64))
+        >>> r = cl.solvers.GaussNewton().solve(rosen, max_iter=100, tol=1e-14)
+        >>> r.status, [round(v, 10) for v in r.params.tolist()]
+        ('converged', [1.0, 1.0])
+    """
+
+    factor: float = 100.0
+    scale: bool = True
+    xtol: float = 1e-10
+    ftol: float = 0.0
+    method: str = "auto"
+    dense_max: int = 2000
+    gram_max: int = 4000
+    damping: float = 1e-3
+    cg_tol: float = 1e-6
+    cg_maxiter: int = 250
+    jacobian: str = "auto"
+    chunk_size: int | None = None
+
+    problem_types = (LeastSquares,)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "factor", "damping", "cg_tol")
+        _check_positive(self, "xtol", "ftol", allow_zero=True)
+        if self.jacobian not in JACOBIAN_MODES:
+            raise ValueError(f"GaussNewton.jacobian must be one of {JACOBIAN_MODES}, got {self.jacobian!r}")
+        if self.method not in _METHODS:
+            raise ValueError(f"GaussNewton.method must be one of {_METHODS}, got {self.method!r}")
+        for name in ("dense_max", "gram_max", "cg_maxiter"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GaussNewton.{name} must be an integer >= 1, got {v!r}")
+
+    # ------------------------------------------------------------------ helpers
+    def _method(self, problem: LeastSquares, m: int) -> str:
+        if self.method != "auto":
+            return self.method
+        n = problem.spec.size
+        if n <= self.dense_max:
+            return "dense"
+        if m < n and m <= self.gram_max:
+            return "gram"
+        return "cg"
+
+    def _tols(self, dtype: torch.dtype) -> tuple[float, float]:
+        eps = torch.finfo(dtype).eps
+        return max(self.xtol, eps), self.ftol
+
+    def _at(self, problem: LeastSquares, x: Tensor, method: str, n: int, diag: Tensor | None) -> dict[str, Any]:
+        """Residuals, value and gradient at ``x`` (``n`` residual rows), with the factorisation of the new Jacobian.
+
+        ``"dense"``: the thin SVD of :math:`JD^{-1}`, :math:`D` updated to the running maxima of the
+        column norms (MINPACK ``mode=1``); ``"gram"``: the eigenpairs of :math:`JJ^\top`. Both are kept
+        in the state for the trial steps of the same Jacobian (a rejected step costs one residual
+        evaluation, as in MINPACK).
+        """
+        if method == "dense":
+            r, J, _ = residual_rows(problem, x, ALL, self.chunk_size, mode=self.jacobian)
+            g = J.T @ r
+            col = J.norm(dim=0)
+            if not self.scale:
+                diag = torch.ones_like(col)
+            elif diag is None:
+                diag = torch.where(col > 0, col, torch.ones_like(col))
+            else:
+                diag = torch.maximum(diag, col)
+            extra: dict[str, Any] = {"svd": None, "diag": diag}
+            if bool(torch.isfinite(J).all()):  # else the loop stops on the non-finite gradient
+                extra["svd"] = torch.linalg.svd(J / diag, full_matrices=False)
+        else:
+            Jop = problem.jacobian(x, ALL)
+            r = Jop.residuals
+            g = Jop.rmatvec(r)
+            extra = {"svd": None, "diag": torch.ones_like(x) if diag is None else diag}
+            if method == "gram":
+                K = gram(Jop).to_dense()
+                if bool(torch.isfinite(K).all()):
+                    w, U = torch.linalg.eigh(0.5 * (K + K.T))
+                    extra["svd"] = (U.flip(1), w.flip(0).clamp_min(0).sqrt(), None)
+        value = 0.5 * torch.dot(r, r) / n
+        grad = g / n
+        return {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad.norm(), **extra}
+
+    # ------------------------------------------------------------------ solver
+    def init(self, problem: Problem) -> dict[str, Any]:
+        assert isinstance(problem, LeastSquares)
+        x = problem.x0.clone()
+        m = problem.residuals(x, ALL).numel()
+        method = self._method(problem, m)
+        n = problem.n_rows(ALL)
+        state = self._at(problem, x, method, n, None)
+        state.update(iter=0, matvecs=0, step_size=0.0, draws=0, status=None, log={}, method=method, n_rows=n,
+                     delta=None, par=0.0 if method != "cg" else float(self.damping), accepted=0, nonfinite=0)
+        return state
+
+    def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
+        assert isinstance(problem, LeastSquares)
+        x, r = state["x"], state["res"]
+        fnorm = float(r.norm())
+        xtol, ftol = self._tols(x.dtype)
+        method = state["method"]
+        par, delta, diag = float(state["par"]), state["delta"], state["diag"]
+        matvecs = state["matvecs"]
+        if fnorm == 0.0:
+            return {**state, "status": "converged", "message": "zero residual"}
+
+        if method == "cg":
+            Jop = problem.jacobian(x, ALL)
+            A = lambda v: Jop.rmatvec(Jop.matvec(v)) + par * v  # noqa: E731
+            res = cg(A, -Jop.rmatvec(r), tol=self.cg_tol, maxiter=self.cg_maxiter)
+            p = res.x
+            matvecs += 2 * res.n_matvecs + 1
+            Jp = Jop.matvec(p)
+            pnorm = float(p.norm())
+        else:
+            U, S, Vh = tuple(state["svd"])
+            full_rank = method == "dense" and S.numel() == x.numel()
+            c = U.T @ r
+            if delta is None:  # first iteration: MINPACK's initial radius
+                xn = float((diag * x).norm())
+                delta = self.factor * xn if xn > 0 else self.factor
+            par = lm_parameter(S, c, delta, par, full_rank)
+            if par == 0:
+                eps = torch.finfo(S.dtype).eps
+                cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+                coef = torch.where(cut, 1.0 / torch.where(cut, S, torch.ones_like(S)), torch.zeros_like(S))
+            else:
+                coef = S / (S**2 + par)
+            if method == "dense":
+                q = -(Vh.T @ (coef * c))  # scaled step D p
+                p = q / diag
+                Jp = U @ (S * (Vh @ q))
+            else:  # gram: p = -Jᵀz, Jp = -JJᵀz
+                z = U @ (coef / torch.where(S > 0, S, torch.ones_like(S)) * c)
+                p = -problem.jacobian(x, ALL).rmatvec(z)
+                Jp = -(U @ (S**2 * (U.T @ z)))
+                matvecs += 1
+                q = p
+            pnorm = float(q.norm())
+            if state["accepted"] == 0:
+                delta = min(delta, pnorm)
+
+        x_new = x + p
+        with torch.no_grad():
+            r_new = problem.residuals(x_new, ALL)
+        finite_trial = bool(torch.isfinite(r_new).all())
+        fnorm1 = float(r_new.norm()) if finite_trial else math.inf
+        actred = 1.0 - (fnorm1 / fnorm) ** 2 if 0.1 * fnorm1 < fnorm else -1.0
+        t1 = float(Jp.norm()) / fnorm
+        t2 = math.sqrt(par) * pnorm / fnorm
+        prered = t1**2 + t2**2 / 0.5
+        dirder = -(t1**2 + t2**2)
+        ratio = actred / prered if prered != 0 else 0.0
+
+        # When the model predicts a negligible relative reduction of ‖r‖² (<= sqrt(eps), near a minimum with
+        # nonzero residuals) the ratio is dominated by rounding: there a step is accepted iff it decreases the
+        # gradient without increasing ‖r‖² beyond 1e-10 relative, so the iterates converge to the accuracy the
+        # gradient allows (~eps·cond) rather than the ~sqrt(eps) that function values resolve.
+        trial = None
+        if finite_trial and prered <= math.sqrt(torch.finfo(x.dtype).eps):
+            trial = self._at(problem, x_new, method, state["n_rows"], diag)
+            if actred >= -1e-10 and float(trial["grad_norm"]) < float(state["grad_norm"]):
+                ratio = max(ratio, 1.0)
+            else:
+                ratio, trial = min(ratio, 0.0), None
+
+        if ratio <= 0.25:
+            temp = 0.5 if actred >= 0 else 0.5 * dirder / (dirder + 0.5 * actred)
+            if 0.1 * fnorm1 >= fnorm or temp < 0.1:
+                temp = 0.1
+            if method == "cg":
+                par = max(par / temp, self.damping)
+            else:
+                delta = temp * min(delta, pnorm / 0.1)
+                par = par / temp
+        elif par == 0 or ratio >= 0.75:
+            if method != "cg":
+                delta = pnorm / 0.5
+            par = 0.5 * par
+
+        log = {"damping": par, "ratio": ratio, "radius": float(delta) if delta is not None else float("nan")}
+        new = {**state, "par": par, "delta": delta, "diag": diag, "matvecs": matvecs,
+               "iter": state["iter"] + 1, "log": log, "nonfinite": 0 if finite_trial else state["nonfinite"] + 1}
+        accepted = ratio >= 1e-4
+        if accepted:
+            new.update(trial if trial is not None else self._at(problem, x_new, method, state["n_rows"], diag))
+            new["accepted"] = state["accepted"] + 1
+            new["step_size"] = float(p.norm())
+        else:
+            new["step_size"] = 0.0
+        log["accepted"] = bool(accepted)
+
+        # MINPACK's convergence tests
+        xnorm = float((new["diag"] * new["x"]).norm())
+        if not finite_trial:
+            small = delta is not None and delta <= xtol * xnorm if method != "cg" else par > 1e30
+            if small or new["nonfinite"] >= 60:
+                new.update(status="nan", message="the residuals are not finite at any trial point near x; "
+                                                 "returning the last finite parameters")
+            return new
+        if ftol > 0 and abs(actred) <= ftol and prered <= ftol and 0.5 * ratio <= 1:
+            new.update(status="converged", message=f"relative reduction of the sum of squares <= ftol={ftol:.3g}")
+        elif method != "cg" and delta <= xtol * xnorm:
+            new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
+        elif method == "cg" and accepted and pnorm <= xtol * xnorm:
+            new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
+        return new

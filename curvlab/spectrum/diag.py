@@ -1,0 +1,150 @@
+r"""Stochastic estimation of the diagonal of a symmetric operator.
+
+* **Hutchinson** (Bekas, Kokiopoulou & Saad 2007, "An estimator for the diagonal
+  of a matrix", Appl. Numer. Math. 57; after Hutchinson 1989):
+  :math:`\hat d = \frac1m\sum_i \omega_i \odot A\omega_i` with Rademacher
+  :math:`\omega_i`; entry :math:`j` has variance :math:`\frac1m\sum_{k\ne j} A_{jk}^2`.
+* **XDiag** (Epperly, Tropp & Webber 2024, "XTrace: Making the most of every
+  sample in stochastic trace estimation", SIAM J. Matrix Anal. Appl. 45(1), §3):
+  the exchangeable version of Diag++ (Baston & Nakatsukasa 2022). With
+  :math:`A\Omega = QR` and :math:`Q_{(i)}` a basis of :math:`A\Omega` without
+  column :math:`i`,
+
+  .. math::
+      \hat d = \frac1s\sum_{i=1}^s\Big[\operatorname{diag}(Q_{(i)}Q_{(i)}^\top A)
+      + \omega_i \odot (I - Q_{(i)}Q_{(i)}^\top) A\omega_i\Big],
+
+  exact on the dominant range of :math:`A` and Hutchinson only on the rest.
+
+Standard errors are per entry: the sample standard deviation of the independent
+(Hutchinson) or exchangeable (XDiag, as for XTrace in §2.4 of the paper)
+per-probe estimates over :math:`\sqrt m`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    as_symmetric_operator,
+    check_block_size,
+    check_int,
+    exact_diagonal,
+    leave_one_out_basis,
+    make_generator,
+    matmat_blocks,
+    rademacher,
+)
+
+__all__ = ["DiagResult", "diag"]
+
+_METHODS = ("xdiag", "hutchinson")
+_MIN_BUDGET = {"hutchinson": 2, "xdiag": 4}
+
+
+@dataclass
+class DiagResult:
+    """A diagonal estimate with per-entry standard errors.
+
+    Attributes:
+        estimate: ``(n,)`` tensor on the operator's device (``op.spec.unflatten(estimate)``
+            gives it per parameter for curvature operators).
+        std_error: ``(n,)`` estimated standard deviations (zeros when exact).
+        n_matvecs: products with the operator used.
+        method: ``"xdiag"``, ``"hutchinson"`` or ``"exact"``.
+    """
+
+    estimate: Tensor
+    std_error: Tensor
+    n_matvecs: int
+    method: str
+
+
+def _std_error(samples: Tensor) -> Tensor:
+    return samples.std(dim=1, correction=1) / math.sqrt(samples.shape[1])
+
+
+def diag(
+    op: Any,
+    method: str = "xdiag",
+    budget: int = 100,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    block_size: int | None = None,
+) -> DiagResult:
+    r"""Estimate :math:`\operatorname{diag}(A)` of a symmetric operator from ``budget`` products.
+
+    The default XDiag is exact on the range its sketch captures, so on curvature
+    matrices with a few dominant directions its error is far below Hutchinson's
+    at the same budget (Epperly, Tropp & Webber 2024, §3); 100 products as for
+    :func:`~curvlab.spectrum.trace`.
+
+    Args:
+        op: a symmetric ``(n, n)`` :class:`~curvlab.linops.LinearOperator` or dense tensor.
+        method: ``"xdiag"`` or ``"hutchinson"``.
+        budget: products to spend (at least 2 for Hutchinson, 4 for XDiag, which uses
+            an even number). With ``budget >= n`` the diagonal is computed exactly.
+        generator: :class:`torch.Generator` on the operator's device.
+        seed: alternative to ``generator``: seed a fresh one.
+        block_size: columns per batched product (default: 8 on CPU, 32 on accelerators,
+            where batched Hessian-vector products pay off; each column holds its own
+            intermediates).
+
+    Returns:
+        A :class:`DiagResult` with ``.estimate`` and ``.std_error`` of shape ``(n,)``.
+
+    Raises:
+        ValueError: ``op`` not symmetric, an unknown ``method``, ``budget`` too small.
+        TypeError: ``budget`` not an int.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 201.0, dtype=torch.float64))
+        >>> res = diag(A, "hutchinson", budget=10, seed=0)
+        >>> torch.allclose(res.estimate, torch.arange(1.0, 201.0, dtype=torch.float64))
+        True
+    """
+    A = as_symmetric_operator(op, "diag")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    budget = check_int(budget, "budget", 1)
+    if budget < _MIN_BUDGET[method]:
+        raise ValueError(
+            f"budget too small: {method} needs at least {_MIN_BUDGET[method]} products "
+            f"(for a standard error), got {budget}"
+        )
+    bs = check_block_size(block_size, A.device)
+    n, dtype, device = A.shape[0], A.dtype, A.device
+    gen = make_generator(generator, seed, device)
+    start = A.n_matvecs
+
+    def done(est: Tensor, se: Tensor, name: str) -> DiagResult:
+        return DiagResult(est, se, A.n_matvecs - start, name)
+
+    if budget >= n:
+        d = exact_diagonal(A, bs)
+        return done(d, torch.zeros_like(d), "exact")
+
+    if method == "hutchinson":
+        Z = rademacher(n, budget, dtype, device, gen)
+        samples = Z * matmat_blocks(A, Z, bs)  # ω ⊙ Aω; ω ⊙ ω = 1 for Rademacher probes
+        return done(samples.mean(1), _std_error(samples), method)
+
+    s = budget // 2
+    Om = rademacher(n, s, dtype, device, gen)
+    Y = matmat_blocks(A, Om, bs)
+    Q, R = torch.linalg.qr(Y)
+    Z = matmat_blocks(A, Q, bs)
+    d_low = (Q * Z).sum(1)  # diag(Q Qᵀ A)
+    S = leave_one_out_basis(R)
+    if S is None:  # rank(A) < s: Q Qᵀ A = A
+        return done(d_low, torch.zeros_like(d_low), "exact")
+    QS = Q @ S
+    c = (S * R).sum(0)  # s_iᵀ R e_i, so that (I - Q_(i) Q_(i)ᵀ) A ω_i = Q s_i c_i
+    samples = d_low[:, None] - QS * (Z @ S) + Om * QS * c
+    return done(samples.mean(1), _std_error(samples), "xdiag")
