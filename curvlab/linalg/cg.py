@@ -24,6 +24,7 @@ or line-search Newton method can use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +118,9 @@ def cg(
     start = op.n_matvecs
     curv_eps = _CURV_EPS_FACTOR * torch.finfo(B.dtype).eps
 
+    if k == 1 and check_every == 1:
+        return _cg_single(sys, curv_eps, callback)
+
     if sys.X0 is None:
         X = torch.zeros_like(B)
         R = B.clone()
@@ -186,6 +190,71 @@ def cg(
         n_matvecs=op.n_matvecs - start,
         status_flags={"negative_curvature": out["negc"], "breakdown": out["brk"]},
         direction=out["D"],
+    )
+
+
+def _cg_single(sys: Any, curv_eps: float, callback: Callable[[Tensor], None] | None) -> KrylovResult:
+    """The same iteration for one right-hand side, with host-side scalars.
+
+    A single column needs none of the block path's masking and compaction; its
+    per-iteration overhead is a handful of vector operations (one host sync per
+    iteration, as the block path with ``check_every=1``).
+    """
+    op, Mop = sys.op, sys.M
+    b = sys.B[:, 0]
+    start = op.n_matvecs
+    if sys.X0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+    else:
+        x = sys.X0[:, 0].clone()
+        r = b - op.matvec(x)
+    thresh = max(sys.tol * float(torch.linalg.vector_norm(b)), sys.atol)
+    z = r if Mop is None else Mop.matvec(r)
+    rz = float(torch.dot(r, z))
+    rnorm = float(torch.linalg.vector_norm(r))
+    conv = rnorm <= thresh
+    brk = not conv and not (math.isfinite(rnorm) and rz > 0)
+    negc = False
+    p = z.clone()
+    it = 0
+    while not (conv or brk or negc) and it < sys.maxiter:
+        it += 1
+        Ap = op.matvec(p)
+        pAp = float(torch.dot(p, Ap))
+        if not math.isfinite(pAp):
+            brk = True
+        elif pAp <= curv_eps * float(torch.linalg.vector_norm(p)) * float(torch.linalg.vector_norm(Ap)):
+            negc = True
+        else:
+            alpha = rz / pAp
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rnorm = float(torch.linalg.vector_norm(r))
+            z = r if Mop is None else Mop.matvec(r)
+            rz_new = float(torch.dot(r, z))
+            if rnorm <= thresh:
+                conv = True
+            elif not (math.isfinite(rnorm) and rz_new > 0):
+                brk = True
+            else:
+                p = z + (rz_new / rz) * p
+                rz = rz_new
+        if callback is not None:
+            callback(x if sys.vector else x[:, None])
+
+    def flag(v: bool) -> Tensor:
+        return torch.tensor([v], device=b.device)
+
+    return _finish(
+        sys,
+        x[:, None],
+        torch.tensor([rnorm], dtype=b.dtype, device=b.device),
+        flag(conv),
+        n_iter=it,
+        n_matvecs=op.n_matvecs - start,
+        status_flags={"negative_curvature": flag(negc), "breakdown": flag(brk)},
+        direction=p[:, None] if negc else torch.zeros_like(x)[:, None],
     )
 
 
