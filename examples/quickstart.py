@@ -46,3 +46,44 @@ for solver in (cl.solvers.NewtonCG(), cl.solvers.GradientDescent(lr=1.0, line_se
         f"{type(solver).__name__:>16}: status={result.status}, {result.n_iter} iterations, "
         f"loss={result.value:.6f}, train accuracy={acc:.3f}, matvecs={result.history['matvecs'][-1]}"
     )
+
+# --- 4. The Hessian's spectrum: extreme eigenvalues, trace with its standard error -----
+s = cl.spectrum.summary(H, seed=0)
+print(
+    f"spectrum: lambda_max={s.top_eigenvalue:.4f}, lambda_min={s.smallest_eigenvalue:.2e}, "
+    f"trace={float(s.trace.estimate):.4f} +- {float(s.trace.std_error):.1e}, "
+    f"condition={s.condition:.1f}, {s.n_matvecs} Hessian-vector products"
+)
+
+# --- 5. Implicit differentiation: tune a per-feature L2 penalty on validation loss --------
+import implicit  # noqa: E402  (the companion package shipped with curvlab)
+
+Xtr, ytr, Xva, yva = X[:400], y[:400], X[400:], y[400:]
+
+
+def train_loss(w, log_lam):
+    z = Xtr @ w
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, ytr) + 0.5 * (log_lam.exp() * w * w).sum()
+
+
+def optimality(w, log_lam):  # F(w, λ) = ∇_w train_loss = 0 at the fitted weights
+    return torch.func.grad(train_loss)(w, log_lam)
+
+
+@implicit.custom_root(optimality, solve="cg", tol=1e-10)
+def fit(w0, log_lam):  # any solver: its iterations are not differentiated
+    p = cl.Minimize(lambda w: train_loss(w, log_lam), w0)
+    return cl.solve(p, cl.solvers.NewtonCG(), max_iter=50, tol=1e-10).params
+
+
+log_lam = torch.full((30,), -3.0, dtype=torch.float64, requires_grad=True)
+opt = torch.optim.Adam([log_lam], lr=0.2)
+for it in range(30):
+    w = fit(torch.zeros(30, dtype=torch.float64), log_lam)
+    val = torch.nn.functional.binary_cross_entropy_with_logits(Xva @ w, yva)
+    opt.zero_grad()
+    val.backward()  # dval/dλ through the implicit function theorem: one CG solve
+    if it in (0, 29):
+        print(f"implicit: step {it:2d} validation loss {val.item():.4f}, |grad| {float(log_lam.grad.norm()):.2e}")
+    opt.step()
+print(f"implicit: last linear solve used {fit.last_solve.n_matvecs} Hessian-vector products")
