@@ -9,6 +9,7 @@ from .fisher import FisherOperator, fisher
 from .ggn import GGNOperator, ggn
 from .hessian import HessianOperator, hessian
 from .jacobian import GramOperator, JacobianOperator, gram, jacobian
+from .mfac import MFACInverse, MFACStatic, obs_prune
 from .restrict import RestrictedOperator, blocks, restrict
 
 __all__ = [
@@ -30,4 +31,7 @@ __all__ = [
     "restrict",
     "blocks",
     "RestrictedOperator",
+    "MFACInverse",
+    "MFACStatic",
+    "obs_prune",
 ]

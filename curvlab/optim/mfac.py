@@ -1,0 +1,119 @@
+"""``torch.optim`` adapter of :class:`curvlab.solvers.MFAC` (Frantar, Kurtic & Alistarh 2021)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..solvers import mfac as _mfac
+from ._base import ClosureOptimizer
+
+__all__ = ["MFAC"]
+
+
+class MFAC(ClosureOptimizer):
+    r"""M-FAC as a ``torch.optim.Optimizer``, with the signature of the paper's reference optimizer.
+
+    The same update as :class:`curvlab.solvers.MFAC` (see there for the formulas and defaults):
+    the flattened gradient of all parameters plus ``weight_decay`` times the parameters is pushed
+    into a sliding window of the last ``ngrads`` gradients, preconditioned by the inverse of the
+    damped empirical Fisher over the window (:class:`curvlab.linops.MFACInverse`, the dynamic
+    algorithm), averaged by momentum, and applied with step ``lr``.
+
+    Unlike curvlab's other adapters it follows the plain ``torch.optim`` convention: ``step()``
+    uses the gradients already in ``p.grad`` (a missing ``.grad`` counts as zero);
+    ``step(closure)`` first calls ``closure()`` — which zeroes the gradients, runs the model,
+    calls ``backward()`` and returns the loss — and returns that loss. A non-finite gradient
+    skips the step with a warning and leaves parameters and window unchanged. The window,
+    its Gram matrix (kept in ``small_dtype``), the momentum buffer and the step count are in
+    ``state_dict()``; ``load_state_dict`` restores them exactly. The window is updated in place.
+
+    Args:
+        params: parameters or param groups (all groups share the hyperparameters; ``lr`` is read
+            from the first group at every step, so learning-rate schedulers work).
+        lr: step size (paper: 1e-3).
+        ngrads: window size :math:`m` (paper: 1024).
+        damp: damping :math:`\lambda` (paper: 1e-5).
+        momentum: EMA momentum in ``[0, 1)`` (default 0).
+        weight_decay: added to the gradient as ``weight_decay * p`` before preconditioning (default 0).
+        small_dtype: dtype of the ``ngrads × ngrads`` matrices (default float64).
+
+    Example:
+        >>> import torch, curvlab
+        >>> net = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> opt = curvlab.optim.MFAC(net.parameters(), lr=1e-2, ngrads=8, damp=1e-2)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.cross_entropy(net(X), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> losses = [opt.step(closure).item() for _ in range(20)]
+        >>> losses[-1] < losses[0]
+        True
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        ngrads: int = 1024,
+        damp: float = 1e-5,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        small_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        opts = dict(
+            lr=lr, ngrads=ngrads, damp=damp, momentum=momentum, weight_decay=weight_decay, small_dtype=small_dtype
+        )
+        self._solver_from(opts)  # validates
+        super().__init__(params, opts)
+
+    @staticmethod
+    def _solver_from(opts: dict[str, Any]) -> _mfac.MFAC:
+        return _mfac.MFAC(
+            lr=opts["lr"],
+            ngrads=opts["ngrads"],
+            damping=opts["damp"],
+            momentum=opts["momentum"],
+            weight_decay=opts["weight_decay"],
+            small_dtype=opts["small_dtype"],
+            copy_window=False,
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One M-FAC update from ``p.grad``; returns ``closure()``'s loss (``None`` without a closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        solver = self._solver_from(self.options)
+        x = self._flat()
+        grad = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(x.dtype) for p in self._params]
+        )
+        st = self.global_state
+        if not st:
+            st.update(step=0, mfac=solver.new_window(x), buf=None)
+        out = solver.update(x, grad, st["mfac"], st["buf"])
+        if out is None:
+            warnings.warn("MFAC: non-finite gradient or direction; the step is skipped", RuntimeWarning, stacklevel=2)
+            return loss
+        x_new, st["mfac"], buf = out
+        st["buf"] = buf if solver.momentum > 0 else None
+        st["step"] += 1
+        self._write(x_new)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, keeping the Gram matrix in its own (``small_dtype``) dtype."""
+        saved = state_dict.get("state", {}).get(0, {}).get("mfac")
+        gram: Tensor | None = saved["gram"] if isinstance(saved, dict) and "gram" in saved else None
+        super().load_state_dict(state_dict)
+        if gram is not None:
+            self.global_state["mfac"]["gram"] = gram.to(device=self._params[0].device).clone()
