@@ -1,0 +1,127 @@
+"""``torch.optim`` adapter of :class:`curvlab.solvers.SaddleFreeNewton` for hand-written training loops."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linops import MatvecOperator
+from ..solvers.saddle_free_newton import SaddleFreeNewton as _Solver
+from ._base import ClosureOptimizer
+
+__all__ = ["SaddleFreeNewton"]
+
+
+class SaddleFreeNewton(ClosureOptimizer):
+    r"""Saddle-free Newton (Dauphin et al. 2014) as a ``torch.optim.Optimizer``.
+
+    The same update as :class:`curvlab.solvers.SaddleFreeNewton` (see there for the Krylov
+    variant of the paper's Algorithm 1, the low-rank Woodbury variant, the damping search,
+    the Armijo globalisation and the defaults), driven by a closure: ``closure()`` evaluates
+    the model on the current mini-batch and returns the scalar loss *without* calling
+    ``backward``. The gradient is taken with ``create_graph=True`` once per step and every
+    Hessian-vector product is one more backward pass through that graph (reverse-over-reverse).
+    The line searches call the closure again (under ``no_grad``) at trial points. ``step``
+    returns the loss before the step. Non-finite losses or gradients skip the step with a
+    warning (the parameters are left unchanged).
+
+    Args:
+        params: parameters or param groups (all groups share the hyperparameters).
+        method, k, damping, inner_steps, refresh, eig, lr, line_search, c1, shrink,
+        max_backtracks, seed: as :class:`curvlab.solvers.SaddleFreeNewton`.
+
+    Example:
+        >>> import torch, curvlab
+        >>> net = torch.nn.Linear(3, 1)
+        >>> X, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> opt = curvlab.optim.SaddleFreeNewton(net.parameters(), k=4)
+        >>> closure = lambda: torch.nn.functional.mse_loss(net(X), y)
+        >>> loss0 = opt.step(closure)
+        >>> bool(opt.step(closure) < loss0)
+        True
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        method: str = "krylov",
+        k: int = 20,
+        damping: float | tuple[float, ...] | None = None,
+        inner_steps: int = 1,
+        refresh: int = 5,
+        eig: str = "randomized",
+        lr: float = 1.0,
+        line_search: bool = True,
+        c1: float = 1e-4,
+        shrink: float = 0.5,
+        max_backtracks: int = 40,
+        seed: int = 0,
+    ) -> None:
+        opts = dict(
+            method=method,
+            k=k,
+            damping=damping,
+            inner_steps=inner_steps,
+            refresh=refresh,
+            eig=eig,
+            lr=lr,
+            line_search=line_search,
+            c1=c1,
+            shrink=shrink,
+            max_backtracks=max_backtracks,
+            seed=seed,
+        )
+        _Solver(**opts)  # validates
+        super().__init__(params, opts)
+
+    def _loss_grad(self, closure: Callable[[], Any]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        loss = self._call(closure, "SaddleFreeNewton")
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(
+                f"the SaddleFreeNewton closure must return the scalar loss, got {getattr(loss, 'shape', type(loss))}"
+            )
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss.reshape(()), self._params, create_graph=True, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if gi is None else gi for p, gi in zip(self._params, grads))
+        return loss.detach().reshape(()), self._spec.flatten_tree(list(grads)), grads
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One saddle-free Newton update; ``closure() -> scalar loss``. Returns the loss before the step."""
+        solver = _Solver(**self.options)
+        f0, g_graph, _ = self._loss_grad(closure)  # type: ignore[arg-type]
+        g = g_graph.detach()
+        st = self.global_state
+        if not st:
+            st.update(step=0, U=None, eigvals=None, since_refresh=0, n_refresh=0)
+        if not (bool(torch.isfinite(f0)) and bool(torch.isfinite(g).all())):
+            warnings.warn(
+                "SaddleFreeNewton: non-finite loss or gradient; the step is skipped", RuntimeWarning, stacklevel=2
+            )
+            return f0
+        params = self._params
+
+        def hvp(v: Tensor) -> Tensor:
+            with torch.enable_grad():
+                hv = torch.autograd.grad(g_graph, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for p, h in zip(params, hv)])
+
+        H = MatvecOperator(hvp, g.shape[0], g.dtype, g.device, symmetric=True)
+        x = self._flat()
+        value_at = self._value_at(closure, lambda o: o)  # type: ignore[arg-type]
+
+        def grad_at(z: Tensor) -> tuple[Tensor, Tensor]:
+            self._write(z)
+            f, gz, _ = self._loss_grad(closure)  # type: ignore[arg-type]
+            return f, gz.detach()
+
+        vars_ = {k: st[k] for k in ("U", "eigvals", "since_refresh", "n_refresh")}
+        x_new, _, _, vars_, log, _ = solver.update(x, f0, g, H, value_at, grad_at, vars_)
+        self._write(x_new)
+        st.update(vars_)
+        st["step"] += 1
+        st["log"] = {k: float(v) for k, v in log.items()}
+        return f0
