@@ -4,16 +4,18 @@ Matrix-free curvature operators (:mod:`curvlab.linops`), Krylov and randomized
 linear algebra (:mod:`curvlab.linalg`), problems and the uniform ``solve`` loop,
 second-order solvers (:mod:`curvlab.solvers`), their ``torch.optim``
 adapters (:mod:`curvlab.optim`) and Hessian spectrum analysis
-(:mod:`curvlab.spectrum`).
+(:mod:`curvlab.spectrum`). Everything runs data-parallel on ``torch.distributed``
+when a process group is initialised (:mod:`curvlab.distributed`).
 """
 
-from . import linalg, linops, optim, solvers, spectrum
+from . import distributed, linalg, linops, optim, solvers, spectrum
 from ._result import History, Result
 from .problems import ALL, LeastSquares, Minimize, Problem, SupervisedLoss
 from .solvers import solve
 
 __version__ = "0.1.0"
 __all__ = [
+    "distributed",
     "linalg",
     "linops",
     "optim",

@@ -13,6 +13,11 @@ Over an iterable of batches the dataset objective is the *mean over samples*:
 batch ``b`` with ``n_b`` samples enters with weight ``n_b / N`` (its function
 returns the batch mean), unless ``reduction="sum"`` (weight 1). ``n_b`` is the
 leading dimension of the batch's first tensor, or ``batch_size_fn(batch)``.
+
+Data-parallel (see :mod:`curvlab.distributed`): a :class:`Data` created while a process
+group is active holds this rank's shard; ``N`` is the global sample count (all-reduced
+once), one batch on a rank weighs ``n_b / N`` too, and ``None`` data weighs ``1/world_size``
+(each rank's closure counts equally). The weighted sums are then all-reduced by the caller.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
 from ._params import tree_leaves
 
 Batch = Any
@@ -93,6 +99,8 @@ class Data:
                 f"batches, got {type(data).__name__}"
             )
         self._n_total: int | None = None
+        #: whether this data is one rank's shard of a data-parallel run (fixed at creation)
+        self.distributed = _dist.is_distributed()
 
     @property
     def multi(self) -> bool:
@@ -109,18 +117,24 @@ class Data:
             yield from self.raw
 
     def n_total(self) -> int:
-        """Total number of samples (one pass over the data, cached)."""
+        """Total number of samples (one pass over the data, cached; summed over the ranks when data-parallel)."""
         if self._n_total is None:
             if self.kind == "none":
                 self._n_total = 1
             else:
-                self._n_total = sum(self.batch_size_fn(b) for b in self.batches())
+                n = sum(self.batch_size_fn(b) for b in self.batches())
+                if self.distributed:
+                    n = int(_dist.all_reduce_sum(n))
+                self._n_total = n
                 if self._n_total == 0:
                     raise ValueError("data holds no batch")
         return self._n_total
 
     def weighted_batches(self) -> Iterator[tuple[Batch, float]]:
-        """Pairs ``(batch, weight)`` whose weighted sum is the dataset objective."""
+        """Pairs ``(batch, weight)`` whose weighted sum is the dataset objective (this rank's part of it)."""
+        if self.distributed:
+            yield from self._distributed_weighted_batches()
+            return
         if self.kind != "iterable" or self.reduction == "sum":
             for b in self.batches():
                 yield b, 1.0
@@ -128,6 +142,22 @@ class Data:
         n = self.n_total()
         for b in self.batches():
             yield b, self.batch_size_fn(b) / n
+
+    def _distributed_weighted_batches(self) -> Iterator[tuple[Batch, float]]:
+        if self.kind == "none":
+            yield None, 1.0 / _dist.world_size()
+            return
+        if self.reduction == "sum":
+            for b in self.batches():
+                yield b, 1.0
+            return
+        n = self.n_total()
+        for b in self.batches():
+            yield b, self.batch_size_fn(b) / n
+
+    def local_size(self, batch: Batch) -> int:
+        """Samples in ``batch`` (1 for ``None``): the weight of this rank's batch in a cross-rank mean."""
+        return 1 if batch is None else int(self.batch_size_fn(batch))
 
     def stream(self, start: int = 0) -> Iterator[Batch]:
         """Endless stream of batches, epoch after epoch, skipping the first ``start`` draws."""

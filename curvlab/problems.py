@@ -4,6 +4,11 @@ A problem bundles an objective, the starting parameters and the data. Solvers
 work on a flat parameter vector ``x`` (see :class:`curvlab._params.ParamSpec`)
 and ask the problem for values, gradients and curvature operators at ``x``,
 either on one batch or on the whole dataset (``batch=ALL``).
+
+Data-parallel (:mod:`curvlab.distributed`): a problem created under a process group holds
+this rank's shard. Over the data (``ALL``) values and gradients are sums of globally
+weighted batch terms, all-reduced; on one batch each rank evaluates its own batch and the
+results are averaged weighted by the batches' sample counts (the global mini-batch).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from ._data import Batch, Data
 from ._params import ParamSpec
 from .linops import hessian as _hessian
@@ -21,7 +27,7 @@ from .linops._autodiff import call_model, per_sample_losses, split_supervised_ba
 from .linops.ggn import GGNOperator, ggn
 from .linops.jacobian import JacobianOperator, jacobian
 
-__all__ = ["Problem", "Minimize", "LeastSquares", "SupervisedLoss", "ALL"]
+__all__ = ["Problem", "Minimize", "LeastSquares", "SupervisedLoss", "ALL", "MatrixSensing", "matrix_sensing"]
 
 
 class _All:
@@ -90,16 +96,46 @@ class Problem:
             )
         return v.reshape(())
 
+    @property
+    def distributed(self) -> bool:
+        """Whether this problem is one rank's part of a data-parallel run (fixed at creation)."""
+        return self.data.distributed
+
+    def _reduce(self, parts: Tensor, batch: Batch) -> Tensor:
+        r"""All-reduce this rank's ``parts`` (a flat tensor) into the global objective's.
+
+        Over the data (``ALL``) the parts already carry global batch weights and are summed.
+        On one batch each rank's parts are weighted by its batch's sample count ``n_r`` and
+        the sum divided by :math:`\sum_r n_r` (one collective), giving the objective on the
+        union of the ranks' batches — the global mini-batch.
+        """
+        if batch is ALL:
+            return _dist.all_reduce_sum(parts)  # type: ignore[return-value]
+        n = float(self.data.local_size(batch))
+        tot = _dist.all_reduce_sum(torch.cat([parts * n, parts.new_full((1,), n)]))
+        return tot[:-1] / tot[-1]  # type: ignore[index]
+
     def value(self, x: Tensor, batch: Batch = ALL) -> Tensor:
         """Objective at flat ``x``, on one batch or (``ALL``) the whole data; no graph kept."""
         with torch.no_grad():
             if batch is ALL:
-                return sum(self.batch_value(x, b) * w for b, w in self.data.weighted_batches())  # type: ignore[return-value]
-            return self.batch_value(x, batch)
+                v = sum(self.batch_value(x, b) * w for b, w in self.data.weighted_batches())
+            else:
+                v = self.batch_value(x, batch)
+            if self.distributed:
+                v = self._reduce(v.reshape(1), batch).reshape(())  # type: ignore[union-attr]
+            return v  # type: ignore[return-value]
 
     def value_and_grad(self, x: Tensor, batch: Batch = ALL) -> tuple[Tensor, Tensor]:
-        """Objective and its gradient (flat) at ``x``."""
+        """Objective and its gradient (flat) at ``x`` (all-reduced in one collective when data-parallel)."""
         pairs = self.data.weighted_batches() if batch is ALL else [(batch, 1.0)]
+        val, grad = self._local_value_and_grad(x, pairs)
+        if self.distributed:
+            both = self._reduce(torch.cat([grad.reshape(-1), val.reshape(1).to(grad.dtype)]), batch)
+            return both[-1].to(val.dtype), both[:-1]
+        return val, grad
+
+    def _local_value_and_grad(self, x: Tensor, pairs: Any) -> tuple[Tensor, Tensor]:
         val, grad = None, None
         for b, w in pairs:
             with torch.enable_grad():
@@ -121,6 +157,11 @@ class Problem:
         f = self._flat_f(batch)
         if batch is ALL and self.data.kind == "iterable":
             return _hessian(lambda z, b: self.batch_value(z, b), x, data=self.data, **kw)
+        if self.distributed:  # weight this rank's batch by its samples, not 1/world_size
+            if batch is ALL and self.data.kind == "batch":
+                return _hessian(lambda z, b: self.batch_value(z, b), x, data=self.data, **kw)
+            if batch is not ALL and batch is not None:
+                return _hessian(lambda z, b: self.batch_value(z, b), x, data=batch, **kw)
         return _hessian(f, x, **kw)
 
     def _flat_f(self, batch: Batch) -> Callable[[Tensor], Tensor]:
@@ -237,17 +278,19 @@ class LeastSquares(Problem):
         """The residual vector (flattened; stacked over batches for ``ALL``)."""
         with torch.no_grad():
             if batch is ALL:
-                return torch.cat([self.batch_residuals(x, b).reshape(-1) for b in self.data.batches()])
-            return self.batch_residuals(x, batch).reshape(-1)
+                r = torch.cat([self.batch_residuals(x, b).reshape(-1) for b in self.data.batches()])
+            else:
+                r = self.batch_residuals(x, batch).reshape(-1)
+            return _dist.all_gather_cat(r) if self.distributed else r
 
     def n_rows(self, batch: Batch = ALL) -> int:
-        """Number of residual rows ``n`` in the objective's ``1/(2n)`` scaling."""
+        """Number of residual rows ``n`` in the objective's ``1/(2n)`` scaling (over all ranks when data-parallel)."""
         bs = self.data.batches() if batch is ALL else [batch]
         total = 0
         for b in bs:
             r = self.batch_residuals(self.x0, b)
             total += r.shape[0] if r.ndim > 0 else 1
-        return total
+        return int(_dist.all_reduce_sum(total)) if self.distributed else total
 
     def jacobian(self, x: Tensor, batch: Batch = ALL) -> JacobianOperator:
         """The Jacobian operator of the (flattened) residuals at ``x``."""
@@ -319,3 +362,6 @@ class SupervisedLoss(Problem):
         """The generalized Gauss-Newton operator at ``x`` (mean over the batch or the data)."""
         data = self.data if batch is ALL else batch
         return ggn(self.model, self.loss, self.spec.unflatten(x), data, **kw)
+
+
+from ._matrix_sensing import MatrixSensing, matrix_sensing  # noqa: E402

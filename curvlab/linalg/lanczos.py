@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._result import _check_n, _default_dtype_device, _symmetric_operator
+from .. import distributed as _dist
+from ._result import _check_n, _check_positive_int, _default_dtype_device, _symmetric_operator
 
 __all__ = ["LanczosResult", "lanczos"]
 
@@ -79,6 +80,7 @@ def lanczos(
     generator: torch.Generator | None = None,
     reorth: str = "full",
     store_basis: bool = True,
+    check_every: int = 1,
 ) -> LanczosResult:
     r"""Run ``k`` steps of symmetric Lanczos on ``A`` (Lanczos, 1950; Golub & Van Loan §10.1).
 
@@ -107,6 +109,11 @@ def lanczos(
         n: the size, required when ``A`` is a callable.
         generator: :class:`torch.Generator` for ``v0`` (on ``A``'s device).
         reorth: ``"full"`` or ``"none"``.
+        check_every: evaluate the breakdown test on the host (one device
+            synchronisation) only every ``check_every`` steps; a breakdown found
+            late truncates the run at the step where it happened, so the result
+            is the same as with ``check_every=1`` (the steps after it are wasted
+            work). Larger values suit GPUs.
         store_basis: return ``Q`` (``False`` saves the ``(n, m)`` output; with
             ``reorth="full"`` the basis is still kept while running).
 
@@ -124,6 +131,7 @@ def lanczos(
         >>> torch.allclose(res.ritz()[0], torch.arange(1.0, 11.0, dtype=torch.float64))
         True
     """
+    check_every = _check_positive_int(check_every, "check_every")
     if reorth not in ("full", "none"):
         raise ValueError(f"reorth must be 'full' or 'none', got {reorth!r}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) < 1:
@@ -134,6 +142,8 @@ def lanczos(
     size = op.shape[0]
     dtype, device = op.dtype, op.device
     if v0 is None:
+        if op.distributed:  # the same start vector on every rank
+            generator = _dist.synced_generator(generator, device)
         v0 = torch.randn(size, generator=generator, dtype=dtype, device=device)
     elif not isinstance(v0, Tensor) or v0.shape != (size,):
         raise ValueError(f"v0 must be a tensor of shape ({size},), got {getattr(v0, 'shape', type(v0).__name__)}")
@@ -158,12 +168,15 @@ def lanczos(
     start = op.n_matvecs
     breakdown = False
     beta = torch.zeros((), dtype=dtype, device=device)
+    pending: list[Tensor] = []  # breakdown flags of the steps not yet tested on the host
+    anorms: list[Tensor] = []
     for j in range(m_max):
         if Q is not None:
             Q[:, j] = q
         w = op.matvec(q)
         wnorm = torch.linalg.vector_norm(w)
         anorm = torch.maximum(anorm, wnorm)
+        anorms.append(anorm)
         alpha = torch.dot(q, w)
         w = w - alpha * q
         if beta_prev is not None and q_prev is not None:
@@ -176,13 +189,18 @@ def lanczos(
         alphas.append(alpha)
         if j == m_max - 1:
             break
-        # invariant subspace: A q_j (almost) inside span(Q). One host sync per step.
-        if bool((beta <= rel_tol * wnorm) | (beta <= abs_tol * anorm)):
-            breakdown = True
-            break
+        # invariant subspace: A q_j (almost) inside span(Q). One host sync per `check_every` steps.
         betas.append(beta)
+        pending.append((beta <= rel_tol * wnorm) | (beta <= abs_tol * anorm))
+        if (j + 1) % check_every == 0 and _first_breakdown(pending, j) >= 0:
+            break
         q_prev, beta_prev = q, beta
         q = w / beta
+    if pending and (i := _first_breakdown(pending, len(betas) - 1)) >= 0:
+        breakdown = True  # at step i: keep alpha_0..alpha_i, beta_0..beta_{i-1}; beta_i is the last beta
+        beta, anorm = betas[i], anorms[i]
+        del alphas[i + 1 :]
+        del betas[i:]
     m = len(alphas)
     if m < int(k):
         breakdown = True
@@ -196,3 +214,18 @@ def lanczos(
         breakdown=breakdown,
         info={"beta_last": beta, "anorm": anorm},
     )
+
+
+def _first_breakdown(pending: list[Tensor], j: int) -> int:
+    """The first step among the pending ones whose breakdown flag is set, or -1 (one host sync).
+
+    ``pending`` holds the flags of steps ``j - len(pending) + 1 … j``. The flags stay pending
+    when one is set (the caller truncates the run at that step after the loop) and are
+    cleared otherwise.
+    """
+    flags = torch.stack(pending).tolist()
+    for offset, hit in enumerate(flags):
+        if hit:
+            return j - len(pending) + 1 + offset
+    pending.clear()
+    return -1

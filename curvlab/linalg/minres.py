@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._result import KrylovResult, _apply, _colnorm, _Columns, _finish, _prepare_system
+from ._result import KrylovResult, _apply, _check_positive_int, _colnorm, _Columns, _finish, _prepare_system
 
 __all__ = ["minres"]
 
@@ -38,6 +38,7 @@ def minres(
     atol: float = 0.0,
     maxiter: int | None = None,
     M: Any = None,
+    check_every: int = 1,
 ) -> KrylovResult:
     r"""Solve :math:`(A - \sigma I) x = b` for symmetric ``A`` by MINRES (Paige & Saunders, 1975).
 
@@ -68,6 +69,10 @@ def minres(
         maxiter: iteration cap (default ``min(10 n, 10000)``).
         M: symmetric positive definite preconditioner approximating
             :math:`(A - \sigma I)^{-1}` in magnitude (operator, tensor or callable).
+        check_every: evaluate the stopping test on the host (one device
+            synchronisation) only every ``check_every`` iterations; in between,
+            finished columns are frozen on the device (masked updates), so the
+            result is the same as with ``check_every=1``. Larger values suit GPUs.
 
     Returns:
         A :class:`~curvlab.linalg.KrylovResult`. Without ``M``,
@@ -79,7 +84,7 @@ def minres(
 
     Raises:
         ValueError: ``A`` not square, ``b`` / ``x0`` of the wrong shape, dtype or
-            device, ``tol < 0``, ``atol < 0``, ``maxiter < 1``.
+            device, ``tol < 0``, ``atol < 0``, ``maxiter < 1``, ``check_every < 1``.
         TypeError: arguments of unsupported types.
 
     Example:
@@ -90,6 +95,7 @@ def minres(
         (True, True)
     """
     sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=True)
+    check_every = _check_positive_int(check_every, "check_every")
     op, Mop, B = sys.op, sys.M, sys.B
     shift_f = float(shift)
     k = B.shape[1]
@@ -141,6 +147,7 @@ def minres(
         "conv": conv,
         "brk": brk,
         "lsq": lsq,
+        "done": torch.zeros_like(conv),  # finished since the last host check (frozen)
     }
     live = (~conv & ~brk).tolist()
     if not all(live):
@@ -212,10 +219,17 @@ def minres(
             "conv": conv_now | lsq_now,
             "brk": brk_now,
             "lsq": lsq_now,
+            "done": done,
         }
-        live = (~done).tolist()
+        if check_every > 1:  # columns finished before keep their values until the next host check
+            frozen = s["done"]
+            state = {name: torch.where(frozen, s[name], t) for name, t in state.items()}
+            state["done"] = frozen | done
+        if it % check_every and it != sys.maxiter:
+            continue
+        live = (~state["done"]).tolist()
         if not all(live) or it == sys.maxiter:
-            cols.write(X=X, rnorm=phibar, conv=state["conv"], brk=brk_now, lsq=lsq_now)
+            cols.write(X=state["X"], rnorm=state["phibar"], conv=state["conv"], brk=state["brk"], lsq=state["lsq"])
             state = cols.keep(live, state)
 
     out = cols.out

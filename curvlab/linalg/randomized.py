@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab import distributed as _dist
 from curvlab.linops._base import LinearOperator, aslinearoperator
 
 from ._result import _check_n, _default_dtype_device, _symmetric_operator
@@ -62,7 +63,9 @@ def _orth(Y: Tensor) -> Tensor:
 
 
 def _range(op: LinearOperator, ell: int, n_power: int, generator: torch.Generator | None) -> Tensor:
-    """Halko et al. Algorithm 4.4 with an ``ell``-column Gaussian sketch."""
+    """Halko et al. Algorithm 4.4 with an ``ell``-column Gaussian sketch (the same on every rank if data-parallel)."""
+    if op.distributed:
+        generator = _dist.synced_generator(generator, op.device)
     Omega = torch.randn(op.shape[1], ell, generator=generator, dtype=op.dtype, device=op.device)
     Q = _orth(op.matmat(Omega))
     for _ in range(n_power):
@@ -308,6 +311,8 @@ def nystrom(
     p = _check_int(n_oversample, "n_oversample", 0)
     ell = min(k + p, size)
     eps = torch.finfo(op.dtype).eps
+    if op.distributed:
+        generator = _dist.synced_generator(generator, op.device)
     Omega = _orth(torch.randn(size, ell, generator=generator, dtype=op.dtype, device=op.device))
     Y = op.matmat(Omega)
     nu = math.sqrt(size) * eps * torch.linalg.matrix_norm(Y)

@@ -13,6 +13,11 @@ that are built once per batch and then reused ("cached"):
 A :class:`_Point` holds, for every batch, the leaf ``x`` and what its graphs
 produced. With ``cache=False`` nothing is kept and each product rebuilds the
 graphs batch by batch (memory of one batch, about twice the work).
+
+Data-parallel (:mod:`curvlab.distributed`): an operator created under a process group
+sums its products over this rank's batches (with globally normalised weights) and
+all-reduces them — one collective per product — so every rank holds the product of the
+operator over the whole dataset.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as _dist
 from .._data import Batch, Data
 from .._params import ParamSpec
 
@@ -48,6 +54,57 @@ def _grad(outputs: Tensor, inputs: Tensor, grad_outputs: Tensor, batched: bool, 
         return g
     (g,) = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain, allow_unused=True)
     return torch.zeros_like(inputs) if g is None else g
+
+
+def compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:  # noqa: A002
+    """``None`` (eager) or the keyword arguments for :func:`torch.compile` from an operator's ``compile`` option.
+
+    Raises:
+        TypeError: ``compile`` is neither a bool nor a dict.
+        RuntimeError: ``torch.compile`` is not available in this torch build.
+    """
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        opts: dict[str, Any] = {}
+    elif isinstance(compile, dict):
+        opts = dict(compile)
+    else:
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
+    if not hasattr(torch, "compile"):
+        raise RuntimeError("compile=True needs torch.compile (torch >= 2.0)")
+    opts.setdefault("dynamic", False)
+    return opts
+
+
+class CompiledProducts:
+    """Lazily compiled functional product ``fn(x, V, batch, weight)`` with a vmapped block version.
+
+    ``fn`` maps one vector ``v`` to its product on one batch; :meth:`__call__` applies it to a
+    vector or (vmapped over columns) to a ``(n, k)`` block. Compilation happens on first use
+    (and again for a new batch shape); a block whose ops have no batching rule falls back to a
+    loop over the columns.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], options: dict[str, Any]) -> None:
+        self.fn = fn
+        self.options = options
+        self._vec: Any = None
+        self._mat: Any = None
+
+    def __call__(self, x: Tensor, V: Tensor, batch: Batch, weight: float) -> Tensor:
+        if V.ndim == 1:
+            if self._vec is None:
+                self._vec = torch.compile(self.fn, **self.options)
+            return self._vec(x, V, batch, weight)
+        if self._mat is None:
+            self._mat = torch.compile(
+                torch.func.vmap(self.fn, in_dims=(None, 1, None, None), out_dims=1), **self.options
+            )
+        try:
+            return self._mat(x, V, batch, weight)
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([self(x, V[:, j], batch, weight) for j in range(V.shape[1])], dim=1)
 
 
 def call_model(model: Any, spec: ParamSpec, x: Tensor, inputs: Any) -> Tensor:
@@ -105,6 +162,15 @@ class CurvatureBase:
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         self.cache = cache
         self._cached: list[dict[str, Any]] | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the operator's products are all-reduced over the ranks (fixed at creation)."""
+        return self.data.distributed
+
+    def _sum_ranks(self, t: Tensor) -> Tensor:
+        """All-reduce a sum over this rank's batches into the sum over the whole dataset (no-op locally)."""
+        return _dist.all_reduce_sum(t) if self.data.distributed else t  # type: ignore[return-value]
 
     def _leaf(self) -> Tensor:
         return self.x.detach().clone().requires_grad_(True)

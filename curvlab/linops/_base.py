@@ -59,6 +59,16 @@ class LinearOperator:
         self.is_psd = bool(psd)
         self.n_matvecs = 0
 
+    @property
+    def distributed(self) -> bool:
+        """Whether products are collectives over a data-parallel process group (:mod:`curvlab.distributed`).
+
+        True for an operator over a dataset created under a process group, and for any
+        operator built from one (sums, scalings, products, transposes, restrictions):
+        routines that draw random vectors then draw the same ones on every rank.
+        """
+        return any(_is_distributed_op(v) for v in vars(self).values())
+
     # ---------------------------------------------------------------- hooks
     def _matvec(self, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -217,6 +227,14 @@ class LinearOperator:
 # --------------------------------------------------------------------------- #
 # Generic concrete operators
 # --------------------------------------------------------------------------- #
+def _is_distributed_op(v: Any) -> bool:
+    if isinstance(v, LinearOperator):
+        return v.distributed
+    if isinstance(v, (list, tuple)):
+        return any(isinstance(o, LinearOperator) and o.distributed for o in v)
+    return False
+
+
 class MatvecOperator(LinearOperator):
     """An operator from user callables ``matvec(v)`` (and optionally ``rmatvec``, ``matmat``).
 

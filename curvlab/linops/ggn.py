@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from .._data import Batch
-from ._autodiff import CurvatureBase, _grad, call_model, per_sample_losses, split_supervised_batch
+from ._autodiff import (
+    CompiledProducts,
+    CurvatureBase,
+    _grad,
+    call_model,
+    compile_options,
+    per_sample_losses,
+    split_supervised_batch,
+)
 from ._base import LinearOperator
 
 __all__ = ["GGNOperator", "ggn"]
@@ -65,6 +73,15 @@ class OutputCurvature(CurvatureBase, LinearOperator):
         raise NotImplementedError
 
     def _products(self, V: Tensor, batched: bool) -> Tensor:
+        if getattr(self, "_compiled", None) is not None:
+            out = None
+            w = self._sample_weight()
+            for batch, _ in self.data.weighted_batches():
+                r = self._compiled(self.x, V.T if batched else V, batch, w)
+                r = r.T if batched else r
+                out = r if out is None else out + r
+            assert out is not None
+            return self._sum_ranks(out)
         out = None
         for p in self._pieces():
             jv = _grad(p["jt"], p["u0"], V, batched, retain=True)
@@ -72,7 +89,7 @@ class OutputCurvature(CurvatureBase, LinearOperator):
             r = _grad(p["o"], p["x"], qjv, batched, retain=self.cache)
             out = r if out is None else out + r
         assert out is not None
-        return out
+        return self._sum_ranks(out)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._products(v, batched=False)
@@ -85,6 +102,10 @@ class OutputCurvature(CurvatureBase, LinearOperator):
         for p in self._pieces():
             val = p["value"] if val is None else val + p["value"]
             grad = p["grad"] if grad is None else grad + p["grad"]
+        if self.distributed:
+            assert val is not None and grad is not None
+            both = self._sum_ranks(torch.cat([grad, val.reshape(1).to(grad.dtype)]))
+            val, grad = both[-1].to(val.dtype), both[:-1]
         self._value, self._gradient = val, grad
 
     @property
@@ -130,6 +151,25 @@ class GGNOperator(OutputCurvature):
     def _q(self, piece: dict[str, Any], U: Tensor, batched: bool) -> Tensor:
         return _grad(piece["gl"], piece["od"], U, batched, retain=True)
 
+    def _ggn_one(self, x: Tensor, v: Tensor, batch: Batch, w: float) -> Tensor:
+        r"""Functional :math:`w\,J^\top Q J v` on one batch (``jvp``, loss-Hessian ``jvp``, ``vjp``).
+
+        This is the function ``compile=True`` compiles.
+        """
+        inputs, y = split_supervised_batch(batch)
+
+        def out_fn(z: Tensor) -> Tensor:
+            return call_model(self.model, self.spec, z, inputs)
+
+        o, jv = torch.func.jvp(out_fn, (x,), (v,))
+
+        def loss_grad(o_: Tensor) -> Tensor:
+            return torch.func.grad(lambda q: per_sample_losses(self.loss_fn, q, y).sum() * w)(o_)
+
+        _, qjv = torch.func.jvp(loss_grad, (o.detach(),), (jv,))
+        _, pullback = torch.func.vjp(out_fn, x)
+        return pullback(qjv)[0]
+
 
 def ggn(
     model_fn: Any,
@@ -141,6 +181,7 @@ def ggn(
     cache: bool | str = "auto",
     batch_size_fn: Callable[[Batch], int] | None = None,
     psd: bool = True,
+    compile: bool | dict[str, Any] = False,  # noqa: A002
 ) -> GGNOperator:
     r"""Matrix-free generalized Gauss-Newton matrix of a supervised loss.
 
@@ -164,6 +205,9 @@ def ggn(
         batch_size_fn: number of samples in a batch (default: leading dimension).
         psd: tag the operator positive semidefinite (true whenever the loss is convex
             in the outputs, as MSE and cross-entropy are).
+        compile: compile the products with :func:`torch.compile` (``True`` or a dict of its
+            options); off by default. Compiled products are functional per batch
+            (``jvp`` of the model, ``jvp`` of the loss gradient, ``vjp``) and keep no graphs.
 
     Returns:
         A symmetric :class:`GGNOperator` of shape ``(P, P)``; ``.value`` and ``.gradient``
@@ -175,4 +219,6 @@ def ggn(
     """
     op = GGNOperator.__new__(GGNOperator)
     op._init_common(model_fn, loss_fn, params, data, reduction, cache, batch_size_fn, psd)
+    opts = compile_options(compile)
+    op._compiled = None if opts is None else CompiledProducts(op._ggn_one, opts)
     return op

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from .._data import Batch
 from ._autodiff import CurvatureBase, _grad
 from ._base import LinearOperator
@@ -19,7 +20,9 @@ class JacobianOperator(CurvatureBase, LinearOperator):
     r"""The Jacobian :math:`J \in \mathbb{R}^{M \times P}` of a residual map at a point.
 
     Over several batches the residuals are stacked in batch order (``M`` is the
-    total number of residual entries). :math:`J v` is a double-vjp, :math:`Jᵀu` a
+    total number of residual entries); data-parallel, the ranks' rows are stacked in
+    rank order (``J v`` all-gathers, ``Jᵀ u`` takes this rank's rows of ``u`` and all-reduces).
+    :math:`J v` is a double-vjp, :math:`Jᵀu` a
     vjp; both reuse graphs built once per batch. Build it with :func:`jacobian`.
 
     Attributes:
@@ -46,7 +49,15 @@ class JacobianOperator(CurvatureBase, LinearOperator):
                 res.append(r.reshape(-1))
         self.sizes = sizes
         self.residuals = torch.cat(res)
-        LinearOperator.__init__(self, (sum(sizes), self.spec.size), self.spec.dtype, self.spec.device)
+        m = sum(sizes)
+        self._offset = 0
+        if self.distributed:  # rows of all ranks stacked in rank order
+            counts = _dist.all_gather_cat(torch.tensor([m], dtype=torch.int64, device=self.x.device)).tolist()
+            self._offset = sum(counts[: _dist.rank()])
+            self._local_rows = m
+            m = sum(counts)
+            self.residuals = _dist.all_gather_cat(self.residuals)
+        LinearOperator.__init__(self, (m, self.spec.size), self.spec.dtype, self.spec.device)
 
     def _r(self, x: Tensor, batch: Batch) -> Tensor:
         p = self.spec.unflatten(x)
@@ -65,15 +76,18 @@ class JacobianOperator(CurvatureBase, LinearOperator):
 
     def _fwd(self, V: Tensor, batched: bool) -> Tensor:
         outs = [_grad(p["jt"], p["u0"], V, batched, retain=self.cache) for p in self._pieces()]
-        return torch.cat(outs, dim=-1)
+        out = torch.cat(outs, dim=-1)
+        return _dist.all_gather_cat(out, dim=-1) if self.distributed else out
 
     def _bwd(self, U: Tensor, batched: bool) -> Tensor:
+        if self.distributed:  # this rank's rows of U; the products of all ranks' rows are summed
+            U = U[..., self._offset : self._offset + self._local_rows]
         out = None
         for p, u in zip(self._pieces(), torch.split(U, self.sizes, dim=-1)):
             r = _grad(p["r"], p["x"], u.contiguous(), batched, retain=self.cache)
             out = r if out is None else out + r
         assert out is not None
-        return out
+        return self._sum_ranks(out)
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._fwd(v, False)

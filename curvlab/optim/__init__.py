@@ -7,11 +7,15 @@ returns what the method needs, and round-trips its state through ``state_dict`` 
 
 * :class:`EGN` — ``closure() -> (per_sample_losses, outputs)``.
 * :class:`Sven` — ``closure() -> per_sample_losses``.
+* :class:`SaddleFreeNewton` — ``closure() -> loss``.
+* :class:`MFAC` — plain ``torch.optim`` convention (uses ``p.grad``; optional closure calls ``backward``).
 * :class:`ClosureOptimizer` — the shared base (flat parameter view, state handling).
 """
 
 from ._base import ClosureOptimizer
 from .egn import EGN
+from .mfac import MFAC
+from .saddle_free_newton import SaddleFreeNewton
 from .sven import Sven
 
-__all__ = ["ClosureOptimizer", "EGN", "Sven"]
+__all__ = ["ClosureOptimizer", "EGN", "Sven", "MFAC", "SaddleFreeNewton"]

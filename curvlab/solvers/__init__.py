@@ -11,8 +11,11 @@ from .adam import Adam
 from .egn import EGN
 from .gauss_newton import GaussNewton
 from .gradient_descent import GradientDescent
+from .mfac import MFAC
 from .newton_cg import NewtonCG
+from .saddle_free_newton import SaddleFreeNewton
+from .scaled_gd import ScaledGD
 from .sven import Sven
 
 __all__ = ["Solver", "options", "solve", "armijo", "LineSearchResult", "GradientDescent", "Adam", "NewtonCG",
-           "GaussNewton", "EGN", "Sven"]
+           "GaussNewton", "EGN", "Sven", "ScaledGD", "SaddleFreeNewton", "MFAC"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from .._result import History, Result
 from ..problems import Problem
 
@@ -132,7 +133,8 @@ class Solver:
             tol: stop when the gradient norm at the current point is ``<= tol``.
             callback: ``callback(state) -> bool | None`` after every iteration; returning
                 ``True`` stops the run with status ``"callback"``.
-            progress: show a tqdm progress bar with the current value.
+            progress: show a tqdm progress bar with the current value (on rank 0 only in a
+                data-parallel run, see :mod:`curvlab.distributed`).
             state: a state to resume from (as returned in :attr:`Result.state`).
             raise_on_nan: raise ``FloatingPointError`` instead of stopping with ``status="nan"``.
 
@@ -157,7 +159,7 @@ class Solver:
         if not (_finite(state["value"]) and _finite(state.get("grad_norm"))):
             status, message = "nan", "the objective or its gradient is not finite at the starting point"
         bar = None
-        if progress:
+        if progress and _dist.is_main_process():  # data-parallel: rank 0 shows the bar
             from tqdm.auto import tqdm
 
             bar = tqdm(total=max_iter, initial=int(state["iter"]), desc=type(self).__name__)

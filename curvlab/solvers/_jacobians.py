@@ -25,6 +25,11 @@ On top of these, the problem-level helpers return what the solvers need on one b
 :class:`~curvlab.LeastSquares`) and :func:`output_derivatives` (per-sample gradient and
 exact Hessian blocks of the loss with respect to the outputs). A random subset of the
 parameters (``index``) restricts the Jacobian's columns (Sven's memory option).
+
+Data-parallel (:mod:`curvlab.distributed`): the batch-sized systems of EGN, Sven and
+Gauss-Newton couple all samples of the global mini-batch, so the problem-level helpers
+all-gather their per-sample rows (values, Jacobian rows, output derivatives) in rank order;
+every rank then holds the rows of the union of the ranks' batches and takes the same step.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from .._params import tree_map
 from ..linops._autodiff import per_sample_losses, split_supervised_batch
 from ..problems import ALL, LeastSquares, Problem, SupervisedLoss
@@ -191,6 +197,13 @@ def per_sample_jacobian(
     chunk = auto_chunk(b, 8 * x.numel(), chunk_size)
     J, vals = torch.func.vmap(jac, in_dims=(None, 0), chunk_size=chunk)(x, samples)
     return vals.detach(), J.detach()
+
+
+def _gather_rows(problem: Problem, *tensors: Tensor | None) -> tuple[Any, ...]:
+    """The tensors' rows of every rank, concatenated in rank order (unchanged when not data-parallel)."""
+    if not problem.distributed:
+        return tensors
+    return tuple(None if t is None else _dist.all_gather_cat(t, 0) for t in tensors)
 
 
 def _leaves(tree: Any) -> list[Tensor]:
@@ -351,7 +364,7 @@ def supervised_outputs(
         o = problem.outputs(x.detach(), inputs).detach().requires_grad_(True)
         losses = per_sample_losses(problem.loss, o, y)
         g, Q = output_derivatives(losses, o)
-    return out.reshape(b, -1), J, g, Q
+    return _gather_rows(problem, out.reshape(b, -1), J, g, Q)  # type: ignore[return-value]
 
 
 def supervised_losses(
@@ -370,7 +383,7 @@ def supervised_losses(
         ``(losses (b,), J (b, P'))``.
     """
     vals, J, _ = _supervised(problem, x, batch, "losses", mode, chunk_size, index)
-    return vals.reshape(-1), J
+    return _gather_rows(problem, vals.reshape(-1), J)  # type: ignore[return-value]
 
 
 def residual_rows(
@@ -432,12 +445,19 @@ def residual_rows(
                     "residuals; the residual rows must belong to the samples (use jacobian='auto')"
                 )
             Js.append(Jb.reshape(-1, z0.numel()))
-        return torch.cat([r.reshape(-1) for r in rs]), torch.cat(Js), n
+        return _rows_result(problem, torch.cat([r.reshape(-1) for r in rs]), torch.cat(Js), n)
     if z0.numel() < M:
         r, J = columns_jacobian(fn, z0, chunk_size)
-        return r, J, n
+        return _rows_result(problem, r, J, n)
     with torch.enable_grad():
         zl = z0.clone().requires_grad_(True)
         out = fn(zl)
         J = rows_jacobian(out, zl, chunk_size)
-    return out.detach(), J, n
+    return _rows_result(problem, out.detach(), J, n)
+
+
+def _rows_result(problem: Problem, r: Tensor, J: Tensor, n: int) -> tuple[Tensor, Tensor, int]:
+    if not problem.distributed:
+        return r, J, n
+    r, J = _gather_rows(problem, r, J)
+    return r, J, int(_dist.all_reduce_sum(n))

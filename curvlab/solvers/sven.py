@@ -284,7 +284,7 @@ class Sven(Solver):
             return vals, rows
         n = vals.shape[0]
         gid = torch.arange(n, device=vals.device) // m
-        G = int(gid[-1]) + 1
+        G = (n + m - 1) // m  # groups, computed on the host (no device sync)
         cnt = torch.zeros(G, dtype=vals.dtype, device=vals.device).index_add_(0, gid, torch.ones_like(vals))
         v = torch.zeros(G, dtype=vals.dtype, device=vals.device).index_add_(0, gid, vals) / cnt
         r = torch.zeros(G, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, gid, rows)

@@ -78,8 +78,14 @@ def check_positive(value: Any, name: str) -> float:
     return v
 
 
-def make_generator(generator: torch.Generator | None, seed: int | None, device: torch.device) -> torch.Generator | None:
+def make_generator(
+    generator: torch.Generator | None, seed: int | None, device: torch.device, *, distributed: bool = False
+) -> torch.Generator | None:
     """The generator to draw probes with: ``generator``, a fresh one seeded with ``seed``, or ``None`` (global RNG).
+
+    For a data-parallel operator (``distributed=True``, see :mod:`curvlab.distributed`) with
+    neither given, a fresh generator seeded by rank 0 and broadcast, so every rank draws the
+    same probes.
 
     Raises:
         ValueError: both given, or ``generator`` on another device than the operator.
@@ -101,6 +107,10 @@ def make_generator(generator: torch.Generator | None, seed: int | None, device: 
                 f"generator lives on {generator.device} but the operator on {device}; "
                 f"create it with torch.Generator(device={str(device)!r})"
             )
+    if generator is None and distributed:
+        from .. import distributed as _dist
+
+        return _dist.synced_generator(None, device)
     return generator
 
 

@@ -234,11 +234,17 @@ class Density:
     def save(self, path: str, log: bool = True, *, dpi: int = 150, title: str | None = None) -> None:
         """Write the plot of :meth:`plot` to ``path`` (PNG, or any format matplotlib infers from the suffix).
 
-        Uses matplotlib's object API (no ``pyplot`` state, works without a display).
+        Uses matplotlib's object API (no ``pyplot`` state, works without a display). In a
+        data-parallel run (:mod:`curvlab.distributed`) only rank 0 writes the file; the other
+        ranks return without doing anything.
 
         Raises:
             ImportError: matplotlib is not installed.
         """
+        from .. import distributed as _dist
+
+        if not _dist.is_main_process():
+            return
         _require_matplotlib()
         from matplotlib.figure import Figure
 
@@ -327,7 +333,7 @@ def density(
     if grid is not None and (not isinstance(grid, Tensor) or grid.ndim != 1):
         raise ValueError(f"grid must be a 1-D tensor, got {getattr(grid, 'shape', type(grid).__name__)}")
     n, dtype, device = A.shape[0], A.dtype, A.device
-    gen = make_generator(generator, seed, device)
+    gen = make_generator(generator, seed, device, distributed=A.distributed)
     start = A.n_matvecs
 
     nodes, weights, probe = [], [], []

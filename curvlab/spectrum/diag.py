@@ -120,7 +120,7 @@ def diag(
         )
     bs = check_block_size(block_size, A.device)
     n, dtype, device = A.shape[0], A.dtype, A.device
-    gen = make_generator(generator, seed, device)
+    gen = make_generator(generator, seed, device, distributed=A.distributed)
     start = A.n_matvecs
 
     def done(est: Tensor, se: Tensor, name: str) -> DiagResult:

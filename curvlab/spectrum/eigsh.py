@@ -230,7 +230,7 @@ def eigsh(
             raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     tol_f = max(tol_f, float(torch.finfo(dtype).eps))
     max_restarts = 1000 if maxiter is None else check_int(maxiter, "maxiter", 0)
-    gen = make_generator(generator, seed, device)
+    gen = make_generator(generator, seed, device, distributed=A.distributed)
 
     if v0 is None:
         v0 = torch.randn(n, generator=gen, dtype=dtype, device=device)

@@ -203,7 +203,7 @@ def summary(
     if k_top is None:
         k_top = 20 if n_classes is None else max(20, 2 * check_int(n_classes, "n_classes", 1) + 2)
     k_top = min(check_int(k_top, "k_top", 1), n - 1)
-    gen = make_generator(generator, seed, A.device)
+    gen = make_generator(generator, seed, A.device, distributed=A.distributed)
     start = A.n_matvecs
 
     top: EigshResult = eigsh(A, k_top, which="LA", tol=tol, maxiter=maxiter, generator=gen)

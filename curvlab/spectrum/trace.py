@@ -147,7 +147,7 @@ def trace(
         )
     bs = check_block_size(block_size, A.device)
     n, dtype, device = A.shape[0], A.dtype, A.device
-    gen = make_generator(generator, seed, device)
+    gen = make_generator(generator, seed, device, distributed=A.distributed)
     start = A.n_matvecs
     zero = torch.zeros((), dtype=dtype, device=device)
 
