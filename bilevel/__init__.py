@@ -1,1 +1,43 @@
-"""Bilevel problems and solvers."""
+"""Bilevel problems and solvers.
+
+:math:`\\min_x f(x, y^*(x))` with :math:`y^*(x) = \\arg\\min_y g(x, y)` (optionally
+with lower-level constraints :math:`c(x, y) \\le 0` and simple sets for ``x``, ``y``).
+
+* :class:`BilevelProblem` — the problem: ``outer(x, y, batch)``, ``inner(x, y, batch)``, starting points, data.
+* Solvers on one ``init`` / ``step`` / ``solve`` contract (switch by changing one line):
+  :class:`IFT`, :class:`AID`, :class:`ITD` (and F2SA, BO-REP, LV-HBA).
+* :mod:`bilevel.sets` — :class:`Box`, :class:`Ball`, :class:`NonNegative`, :class:`Simplex`.
+* :mod:`bilevel.problems` — shipped problems (quadratic, logistic regression, hyper-cleaning, ...).
+"""
+
+from . import problems, sets
+from ._base import BilevelResult, BilevelSolver
+from ._problem import ALL, BilevelProblem
+from .aid import AID
+from .ift import IFT
+from .itd import ITD
+from .sets import Ball, Box, NonNegative, Set, Simplex
+
+__all__ = [
+    "ALL",
+    "BilevelProblem",
+    "BilevelResult",
+    "BilevelSolver",
+    "Set",
+    "Box",
+    "Ball",
+    "NonNegative",
+    "Simplex",
+    "problems",
+    "sets",
+    "IFT",
+    "AID",
+    "ITD",
+    "F2SA",
+    "BOREP",
+    "LVHBA",
+]
+
+from .borep import BOREP  # noqa: E402
+from .f2sa import F2SA  # noqa: E402
+from .lvhba import LVHBA  # noqa: E402

@@ -87,3 +87,24 @@ for it in range(30):
         print(f"implicit: step {it:2d} validation loss {val.item():.4f}, |grad| {float(log_lam.grad.norm()):.2e}")
     opt.step()
 print(f"implicit: last linear solve used {fit.last_solve.n_matvecs} Hessian-vector products")
+
+# --- 6. bilevel: the same hyperparameter problem as a BilevelProblem; switch solvers in one line
+import bilevel as bl  # noqa: E402
+
+
+def val_loss(x, w, batch):
+    return torch.nn.functional.binary_cross_entropy_with_logits(Xva @ w, yva)
+
+
+problem = bl.BilevelProblem(
+    val_loss,
+    lambda x, w, batch: train_loss(w, x),
+    torch.full((30,), -3.0, dtype=torch.float64),
+    torch.zeros(30, dtype=torch.float64),
+)
+for solver in (bl.AID(lr=0.2, optimizer="adam"), bl.IFT(lr=0.2, optimizer="adam", T=20)):
+    r = solver.solve(problem, max_iter=30)
+    print(
+        f"bilevel: {type(solver).__name__} validation loss {r.outer_value:.4f} ({r.state['grads']} gradients, "
+        f"{r.state['hvps']} HVPs)"
+    )

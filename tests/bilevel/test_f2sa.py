@@ -1,0 +1,113 @@
+"""F2SA (Kwon et al. 2023): convergence on the quadratic problem, first-order only, options, resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from bilevel import BilevelProblem
+from bilevel.f2sa import F2SA
+from bilevel.problems import quadratic
+
+
+def _quad(**kw):
+    return quadratic(dx=5, dy=8, cond=4.0, reg=1.0, coupling=1.0, **kw)
+
+
+def _relerr(q, x):
+    return float((x - q.x_star).norm() / q.x_star.norm())
+
+
+def test_converges_to_closed_form_deterministic():
+    q = _quad()
+    r = F2SA(lr_y=0.1, lr_z=1.0, n_inner_steps=5).solve(q.problem, max_iter=600)
+    assert r.status == "max_iter"
+    assert _relerr(q, r.x_flat) < 2e-2  # stated tolerance: 2 % relative error in x after 600 steps
+    assert r.state["hvps"] == 0  # fully first order
+    assert r.state["grads"] == 600 * (3 * 5 + 3)
+    # λ_k = λ_0 (k + 1)^{1/3} in the deterministic regime, λ_0 = γ_0 / (2 α_0)
+    assert r.state["lmbda"] == pytest.approx(5.0 * 601 ** (1 / 3), rel=1e-9)
+
+
+def test_momentum_variant_converges():
+    q = _quad()
+    r = F2SA(lr_y=0.1, lr_z=1.0, n_inner_steps=5, momentum=True).solve(q.problem, max_iter=600)
+    assert _relerr(q, r.x_flat) < 2e-2
+    assert r.state["hvps"] == 0
+
+
+def test_reduces_outer_objective_stochastic():
+    q = _quad(n_batches=8)
+    solver = F2SA(lr_y=0.1, lr_z=1.0, n_inner_steps=5)
+    assert solver.schedule(q.problem) == (5 / 7, 4 / 7)
+    r = solver.solve(q.problem, max_iter=300)
+    gap0 = q.outer_value(q.problem.x0) - q.outer_star
+    gap = q.outer_value(r.x_flat) - q.outer_star
+    assert gap < 0.1 * gap0
+    assert r.state["hvps"] == 0 and r.state["draws_inner"] > 0 and r.state["draws_outer"] > 0
+
+
+def test_projection_onto_x_set():
+    from bilevel.sets import Box
+
+    q = _quad()
+    p = q.problem
+    boxed = BilevelProblem(p.outer, p.inner, p.x0, p.y0, x_set=Box(-0.1, 0.1))
+    r = F2SA(lr_y=0.1, lr_z=1.0, n_inner_steps=2).solve(boxed, max_iter=20)
+    assert float(r.x_flat.abs().max()) <= 0.1 + 1e-12
+
+
+def test_refuses_constrained_problem():
+    p = BilevelProblem(
+        lambda x, y, b: (y**2).sum(),
+        lambda x, y, b: ((y - x) ** 2).sum(),
+        torch.zeros(2),
+        torch.zeros(2),
+        constraints=lambda x, y: y - 1,
+    )
+    with pytest.raises(ValueError, match="F2SA cannot handle lower-level constraints"):
+        F2SA().solve(p, max_iter=2)
+    with pytest.raises(ValueError, match="constraints"):
+        F2SA().init(p)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_save_resume_identical(momentum):
+    q = _quad(n_batches=4)
+    solver = F2SA(lr_y=0.1, lr_z=1.0, n_inner_steps=3, momentum=momentum)
+    full = solver.solve(q.problem, max_iter=12)
+    half = solver.solve(q.problem, max_iter=6)
+    buf = io.BytesIO()
+    torch.save(half.state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    resumed = solver.solve(q.problem, max_iter=12, state=state)
+    assert torch.equal(resumed.x_flat, full.x_flat)
+    assert torch.equal(resumed.y_flat, full.y_flat)
+    assert resumed.state["grads"] == full.state["grads"]
+    assert resumed.n_iter == 12
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"lr_y": -1.0},
+        {"lr_z": 0.0},
+        {"lmbda0": -2.0},
+        {"n_inner_steps": 0},
+        {"regime": "noisy"},
+        {"exponents": (0.2, 0.5)},
+        {"k0": 0.5},
+        {"momentum": "yes"},
+    ],
+)
+def test_bad_options_rejected(kw):
+    with pytest.raises(ValueError, match="F2SA"):
+        F2SA(**kw)
+
+
+def test_unknown_option_rejected():
+    with pytest.raises(TypeError, match="unknown option"):
+        F2SA(lr=0.1)
