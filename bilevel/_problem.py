@@ -9,6 +9,17 @@ The user's functions see their variables in the structures they were given
 ``nn.Module`` for :func:`torch.func.functional_call`); solvers work on flat
 vectors and ask the problem for values, gradients and second-order products
 (oracles) on one batch or on the whole data (``batch=ALL``).
+
+Data-parallel (:mod:`curvlab.distributed`), as :class:`curvlab.Problem`: a problem created
+under a process group holds this rank's shards of ``outer_data`` and ``inner_data`` (fixed at
+creation). Over the data (``ALL``) values, gradients and second-order products are sums of
+globally weighted batch terms, all-reduced; on one batch each rank evaluates its own batch and
+the results are averaged weighted by the batches' sample counts (the global mini-batch). Each
+oracle call is one collective (value and gradients concatenated), so every rank gets the same
+numbers and the solvers' states stay identical. The ``*_diff`` methods (unrolled
+differentiation, :class:`~bilevel.ITD`) return the global value through a differentiable
+all-reduce whose backward sums the gradients reaching ``x`` and ``y`` over the ranks, so
+(higher-order) derivatives through them are the global ones too.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab import distributed as _dist
 from curvlab._data import Batch, Data
 from curvlab._params import ParamSpec
 from curvlab.problems import ALL
@@ -58,7 +70,7 @@ class _Source:
     def pairs(self, batch: Batch) -> Any:
         """``(batch, weight)`` pairs: every batch, weighted, for ``ALL``; else the batch itself."""
         if batch is ALL:
-            if self.data.kind == "none":
+            if self.data.kind == "none" and not self.data.distributed:
                 return [(None, 1.0)]
             return self.data.weighted_batches()
         return [(batch, 1.0)]
@@ -67,8 +79,55 @@ class _Source:
         return next(iter(self.data.batches()))
 
 
+class _CopyToRanks(torch.autograd.Function):
+    """Identity forward on a variable every rank shares; backward sums its gradient over the ranks."""
+
+    @staticmethod
+    def forward(t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _SumOverRanks.apply(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return tangent.view_as(tangent)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) forward of this rank's part; backward passes the (shared) gradient through."""
+
+    @staticmethod
+    def forward(t: Tensor) -> Tensor:
+        return _dist.all_reduce_sum(t)  # type: ignore[return-value]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _CopyToRanks.apply(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return _dist.all_reduce_sum(tangent)  # type: ignore[return-value]
+
+
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
+
+
+def _unflatten(spec: ParamSpec, flat: Tensor) -> Any:
+    """``spec.unflatten(flat)``, without split/view graph nodes when the variable is one 1-D tensor."""
+    if spec.kind == "tensor" and len(spec.shapes[0]) == 1 and flat.shape == spec.shapes[0]:
+        return flat
+    return spec.unflatten(flat)
 
 
 class BilevelProblem:
@@ -176,6 +235,28 @@ class BilevelProblem:
         """Whether the outer or the inner data is an iterable of several batches."""
         return self.outer_data.multi or self.inner_data.multi
 
+    @property
+    def distributed(self) -> bool:
+        """Whether this problem is one rank's part of a data-parallel run (fixed at creation)."""
+        return self.outer_data.distributed or self.inner_data.distributed
+
+    def _reduce(self, which: str, parts: Tensor, batch: Batch) -> Tensor:
+        r"""All-reduce this rank's ``parts`` (a flat tensor) of the ``which`` objective into the global ones.
+
+        Over the data (``ALL``) the parts carry global batch weights and are summed; on one
+        batch each rank's parts are weighted by its batch's sample count :math:`n_r` and the
+        sum divided by :math:`\sum_r n_r` (one collective): the global mini-batch. A no-op
+        when the ``which`` data is not data-parallel.
+        """
+        data = self.outer_data if which == "outer" else self.inner_data
+        if not data.distributed:
+            return parts
+        if batch is ALL:
+            return _dist.all_reduce_sum(parts)  # type: ignore[return-value]
+        n = float(data.local_size(batch))
+        tot = _dist.all_reduce_sum(torch.cat([parts * n, parts.new_full((1,), n)]))
+        return tot[:-1] / tot[-1]  # type: ignore[index]
+
     def __repr__(self) -> str:
         return (
             f"BilevelProblem(dx={self.dx}, dy={self.dy}, constrained={self.constrained}, "
@@ -183,13 +264,17 @@ class BilevelProblem:
         )
 
     # ------------------------------------------------------------- checking
-    def _call(self, fn: Callable[..., Tensor], name: str, x: Tensor, y: Tensor, batch: Batch) -> Tensor:
-        out = fn(self.xspec.unflatten(x), self.yspec.unflatten(y), batch)
+    def _call(
+        self, fn: Callable[..., Tensor], name: str, x: Tensor, y: Tensor, batch: Batch, weight: float = 1.0
+    ) -> Tensor:
+        """``weight * fn(x, y, batch)`` as a 0-d tensor (no extra graph nodes for plain 1-D tensors, weight 1)."""
+        out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise ValueError(
                 f"{name}(x, y, batch) must return a scalar tensor, got {getattr(out, 'shape', type(out).__name__)}"
             )
-        return out.reshape(())
+        out = out if out.dim() == 0 else out.reshape(())
+        return out if weight == 1.0 else out * weight
 
     def _check(self) -> None:
         for fn, name, src in ((self.outer, "outer", self._outer_src), (self.inner, "inner", self._inner_src)):
@@ -227,22 +312,43 @@ class BilevelProblem:
         return self._inner_src.draw(position)
 
     # -------------------------------------------------------------- values
+    def _local_value(self, which: str, x: Tensor, y: Tensor, batch: Batch) -> Tensor:
+        """This rank's (globally weighted, for ``ALL``) part of the ``which`` objective, with its graph."""
+        fn, src = (self.outer, self._outer_src) if which == "outer" else (self.inner, self._inner_src)
+        return sum(self._call(fn, which, x, y, b, w) for b, w in src.pairs(batch))  # type: ignore[return-value]
+
+    def _global_diff(self, which: str, x: Tensor, y: Tensor, batch: Batch) -> Tensor:
+        """The global ``which`` objective of a data-parallel run, differentiable through the ranks' sum."""
+        local = self._local_value(which, _CopyToRanks.apply(x), _CopyToRanks.apply(y), batch).reshape(1)
+        if batch is not ALL:  # the global mini-batch: weight n_r / sum_r n_r
+            n = float((self.outer_data if which == "outer" else self.inner_data).local_size(batch))
+            local = local * (n / float(_dist.all_reduce_sum(n)))
+        return _SumOverRanks.apply(local).reshape(())
+
     def f_diff(self, x: Tensor, y: Tensor, batch: Batch = ALL) -> Tensor:
         """Outer objective ``f(x, y)`` keeping the autograd graph (for unrolled differentiation)."""
-        return sum(self._call(self.outer, "outer", x, y, b) * w for b, w in self._outer_src.pairs(batch))  # type: ignore[return-value]
+        if self.outer_data.distributed:
+            return self._global_diff("outer", x, y, batch)
+        return sum(self._call(self.outer, "outer", x, y, b, w) for b, w in self._outer_src.pairs(batch))  # type: ignore[return-value]
 
     def g_diff(self, x: Tensor, y: Tensor, batch: Batch = ALL) -> Tensor:
         """Inner objective ``g(x, y)`` keeping the autograd graph (for unrolled differentiation)."""
-        return sum(self._call(self.inner, "inner", x, y, b) * w for b, w in self._inner_src.pairs(batch))  # type: ignore[return-value]
+        if self.inner_data.distributed:
+            return self._global_diff("inner", x, y, batch)
+        return sum(self._call(self.inner, "inner", x, y, b, w) for b, w in self._inner_src.pairs(batch))  # type: ignore[return-value]
 
     def f(self, x: Tensor, y: Tensor, batch: Batch = ALL) -> Tensor:
         """Outer objective at flat ``(x, y)`` on one batch or (``ALL``) all outer data; 0-d, no graph."""
         with torch.no_grad():
+            if self.outer_data.distributed:  # one collective
+                return self._reduce("outer", self._local_value("outer", x, y, batch).reshape(1), batch).reshape(())
             return self.f_diff(x, y, batch)
 
     def g(self, x: Tensor, y: Tensor, batch: Batch = ALL) -> Tensor:
         """Inner objective at flat ``(x, y)`` on one batch or (``ALL``) all inner data; 0-d, no graph."""
         with torch.no_grad():
+            if self.inner_data.distributed:  # one collective
+                return self._reduce("inner", self._local_value("inner", x, y, batch).reshape(1), batch).reshape(())
             return self.g_diff(x, y, batch)
 
     # ----------------------------------------------------------- gradients
@@ -257,7 +363,7 @@ class BilevelProblem:
             with torch.enable_grad():
                 xl = x.detach().requires_grad_(want_x)
                 yl = y.detach().requires_grad_(want_y)
-                v = self._call(fn, which, xl, yl, b) * w
+                v = self._call(fn, which, xl, yl, b, w)
                 inputs = [t for t, need in ((xl, want_x), (yl, want_y)) if need]
                 grads = list(torch.autograd.grad(v, inputs, allow_unused=True)) if v.requires_grad else [None] * 2
             val = v.detach() if val is None else val + v.detach()
@@ -268,6 +374,15 @@ class BilevelProblem:
                 g = _zeros_if_none(grads.pop(0), y)
                 gy = g if gy is None else gy + g
         assert val is not None
+        data = self.outer_data if which == "outer" else self.inner_data
+        if data.distributed:  # one collective: [∇x, ∇y, value]
+            parts = [t.reshape(-1) for t in (gx, gy) if t is not None]
+            both = self._reduce(which, torch.cat([*parts, val.reshape(1).to(x.dtype)]), batch)
+            val = both[-1].to(val.dtype)
+            if gx is not None:
+                gx = both[: gx.numel()].reshape(gx.shape)
+            if gy is not None:
+                gy = both[-1 - gy.numel() : -1].reshape(gy.shape)
         return val, gx, gy
 
     def f_and_grad(self, x: Tensor, y: Tensor, batch: Batch = ALL) -> tuple[Tensor, Tensor, Tensor]:
@@ -320,7 +435,7 @@ class BilevelProblem:
             with torch.enable_grad():
                 xl = x.detach().requires_grad_(want_xy)
                 yl = y.detach().requires_grad_(True)
-                g = self._call(self.inner, "inner", xl, yl, b) * w
+                g = self._call(self.inner, "inner", xl, yl, b, w)
                 (gy,) = torch.autograd.grad(g, yl, create_graph=True, allow_unused=True)
                 if gy is None or not gy.requires_grad:
                     outs: list[Tensor | None] = [None, None]
@@ -336,6 +451,13 @@ class BilevelProblem:
             if want_yy:
                 t = _zeros_if_none(outs[1], y)
                 hy = t if hy is None else hy + t
+        if self.inner_data.distributed:  # one collective: [∇²_xy g·v, ∇²_yy g·v]
+            parts = [t.reshape(-1) for t in (jx, hy) if t is not None]
+            both = self._reduce("inner", torch.cat(parts), batch)
+            if jx is not None:
+                jx = both[: jx.numel()].reshape(jx.shape)
+            if hy is not None:
+                hy = both[both.numel() - hy.numel() :].reshape(hy.shape)
         return jx, hy
 
     def hvp_yy_g(self, x: Tensor, y: Tensor, v: Tensor, batch: Batch = ALL) -> Tensor:
@@ -350,13 +472,13 @@ class BilevelProblem:
         r"""A function ``v -> ∇²_yy g(x, y) v`` that builds :math:`\nabla_y g` once and reuses its graph.
 
         Each product is then one backward pass (no forward recomputation), which
-        is what Krylov and Neumann loops want.
+        is what Krylov and Neumann loops want. Data-parallel, each product is one all-reduce.
         """
         graphs: list[tuple[Tensor, Tensor]] = []
         for b, w in self._inner_src.pairs(batch):
             with torch.enable_grad():
                 yl = y.detach().requires_grad_(True)
-                g = self._call(self.inner, "inner", x.detach(), yl, b) * w
+                g = self._call(self.inner, "inner", x.detach(), yl, b, w)
                 (gy,) = torch.autograd.grad(g, yl, create_graph=True)
             graphs.append((yl, gy))
 
@@ -367,7 +489,7 @@ class BilevelProblem:
                     (h,) = torch.autograd.grad(gy, yl, v.detach(), retain_graph=True, allow_unused=True)
                     if h is not None:
                         out = out + h
-            return out
+            return self._reduce("inner", out, batch) if self.inner_data.distributed else out
 
         return matvec
 

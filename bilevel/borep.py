@@ -29,10 +29,17 @@ epoch ``j`` running ``init_steps * 2**j`` steps at step size ``lr_y / 2**j`` and
 average of the previous epoch's iterates; the output is the last epoch's average.
 
 Defaults follow the authors' code (``beta = 0.9``, ``nu = 1e-2``, ``interval = I = 2``,
-``n_inner_steps = N = 10``, outer and inner learning rates ``5e-2``). The analysis uses a constant
-``η``; ``lr_decay = p > 0`` uses :math:`\eta_t = \eta (t+1)^{-p}` instead, which lets the normalized
-steps settle exactly at a solution in deterministic runs (a constant ``η`` leaves an
-:math:`O(\eta)` oscillation). ``z_radius=None`` skips the ball projection (pass ``ρ`` when a bound on
+``n_inner_steps = N = 10``, outer and inner learning rates ``5e-2``). The analysis (Theorem 4.1) uses a
+constant ``η`` chosen from the target accuracy ε, and a normalized step of constant length *cannot*
+converge exactly: the iterates end in an :math:`O(\eta)` oscillation around a solution. ``lr_decay = p > 0``
+uses :math:`\eta_t = \eta (t+1)^{-p}` instead (the default stays ``0``, the paper's choice); with
+:math:`p \in [0.5, 0.75]` the steps settle while :math:`\sum_t \eta_t` still covers
+:math:`\|x_0 - x^*\|`. The other steps are scale-dependent: ``lr_y`` and ``lr_z`` about :math:`1/L_g`
+(the paper's :math:`\gamma, \nu \le 1/l_{g,1}`), and ``N`` large enough that ``y`` tracks :math:`y^*(x)`
+on ill-conditioned inner problems. On the 20 × 50 quadratic of ``examples/bilevel_compare.py``
+(inner condition number 20) ``BOREP(lr=1, lr_decay=0.7, momentum=0.5, lr_y=1/L, lr_z=1/L,
+n_inner_steps=20)`` reaches :math:`F - F^* \approx 2.5 \cdot 10^{-2}` in 1500 iterations, where the
+defaults stay at :math:`\approx 10^2`. ``z_radius=None`` skips the ball projection (pass ``ρ`` when a bound on
 :math:`\|z^*\|` is known). Each iteration costs one gradient of ``f``, one second-order product of ``g``
 (``∇²_xy g·z`` and ``∇²_yy g·z`` from one double-backward pass, counted as one HVP) and, every
 ``I`` iterations, ``N`` gradients of ``g``. Lower-level constraints are not supported.

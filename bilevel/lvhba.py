@@ -41,6 +41,13 @@ authors' toy experiment: :math:`\alpha = 0.008`, :math:`\beta = 0.02`, :math:`\e
 :math:`\gamma_1 = \gamma_2 = 10`, :math:`\underline c = 0.025`, :math:`p = 0.3` (the theorem asks
 :math:`p \in (0, 1/2)`), :math:`r = 1000`; the multipliers start at ``lmbda0 = 0``.
 
+These are step sizes of a toy problem with unit-scale curvature: like every single-loop penalty
+method, LV-HBA has no scale-free defaults. ``lr`` and ``lr_inner`` should be about :math:`1/L` (the
+smoothness of ``f/c_k + g`` and of the proximal Lagrangian), and since the hyper-objective's weight is
+:math:`1/c_k`, a larger :math:`\underline c` trades bias for speed; the benchmark
+(``benchmarks/bilevel.py``) uses ``lr = lr_inner = 0.5``, :math:`\underline c = 1`, ``p = 0.5`` on its
+quadratic.
+
 Every step logs ``violation`` :math:`= \max_i c_i(x, y)_+` at the new point (0 without constraints).
 The reported ``hypergrad_norm`` is :math:`\|c_k d_x\|`, the x-gradient of
 :math:`f + c_k (g - v_\gamma)`.

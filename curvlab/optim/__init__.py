@@ -10,6 +10,13 @@ returns what the method needs, and round-trips its state through ``state_dict`` 
 * :class:`SaddleFreeNewton` — ``closure() -> loss``.
 * :class:`MFAC` — plain ``torch.optim`` convention (uses ``p.grad``; optional closure calls ``backward``).
 * :class:`ClosureOptimizer` — the shared base (flat parameter view, state handling).
+
+Data-parallel (:mod:`curvlab.distributed`): every adapter takes ``distributed`` (default
+``None``: whether a process group of several ranks is active when it is created). Then each
+rank's closure sees its part of the global mini-batch and every rank takes the same step —
+M-FAC and saddle-free Newton average gradients, Hessian-vector products and losses over the
+ranks like DDP; EGN and Sven all-gather their per-sample rows, which gives exactly the step of
+one process on the union of the batches. Start from equal parameters on every rank.
 """
 
 from ._base import ClosureOptimizer

@@ -35,6 +35,10 @@ class EGN(ClosureOptimizer):
         lr, damping, line_search, c, shrink, grow, max_backtracks, adaptive_damping,
         rho_low, rho_high, damping_increase, damping_decrease, min_damping, momentum,
         chunk_size: as :class:`curvlab.solvers.EGN`.
+        distributed: in a data-parallel run, all-gather the per-sample losses, output Jacobian rows
+            and loss derivatives, so every rank takes the step of one process on the union of the
+            ranks' batches; ``None`` (default): whether a process group of several ranks is active
+            at creation (see :mod:`curvlab.optim`).
 
     Example:
         >>> import torch, curvlab
@@ -67,13 +71,14 @@ class EGN(ClosureOptimizer):
         min_damping: float = 1e-12,
         momentum: float = 0.0,
         chunk_size: int | None = None,
+        distributed: bool | None = None,
     ) -> None:
         opts = dict(lr=lr, damping=damping, line_search=line_search, c=c, shrink=shrink, grow=grow,
                     max_backtracks=max_backtracks, adaptive_damping=adaptive_damping, rho_low=rho_low,
                     rho_high=rho_high, damping_increase=damping_increase, damping_decrease=damping_decrease,
                     min_damping=min_damping, momentum=momentum, chunk_size=chunk_size)
         _egn.EGN(**opts)  # validates
-        super().__init__(params, opts)
+        super().__init__(params, opts, distributed)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One EGN update; ``closure() -> (per_sample_losses, outputs)``. Returns the mean loss before the step."""
@@ -88,9 +93,12 @@ class EGN(ClosureOptimizer):
                 f"the closure must return per-sample losses of shape (batch,) = ({b},) matching the outputs' "
                 f"leading dimension, got {tuple(losses.shape)}"
             )
-        f0 = losses.detach().mean()
+        f0 = self._mean(losses)
         g, Q = output_derivatives(losses, outputs)
         J = self._jacobian(outputs, solver.chunk_size)
+        if self.distributed:  # the global mini-batch's rows, in rank order
+            g, Q, J = self._gather(g, Q, J)
+            b = g.shape[0]
         st = self.global_state
         if not st:
             st.update(step=0, damping=float(solver.damping), alpha=float(solver.lr), buf=None)

@@ -41,6 +41,9 @@ class MFAC(ClosureOptimizer):
         momentum: EMA momentum in ``[0, 1)`` (default 0).
         weight_decay: added to the gradient as ``weight_decay * p`` before preconditioning (default 0).
         small_dtype: dtype of the ``ngrads × ngrads`` matrices (default float64).
+        distributed: in a data-parallel run, average the gradients over the ranks (as DDP does), so
+            every rank takes the same step; ``None`` (default): whether a process group of several
+            ranks is active at creation (see :mod:`curvlab.optim`).
 
     Example:
         >>> import torch, curvlab
@@ -66,12 +69,13 @@ class MFAC(ClosureOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         small_dtype: torch.dtype = torch.float64,
+        distributed: bool | None = None,
     ) -> None:
         opts = dict(
             lr=lr, ngrads=ngrads, damp=damp, momentum=momentum, weight_decay=weight_decay, small_dtype=small_dtype
         )
         self._solver_from(opts)  # validates
-        super().__init__(params, opts)
+        super().__init__(params, opts, distributed)
 
     @staticmethod
     def _solver_from(opts: dict[str, Any]) -> _mfac.MFAC:
@@ -97,6 +101,7 @@ class MFAC(ClosureOptimizer):
         grad = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(x.dtype) for p in self._params]
         )
+        grad = self._average(grad)
         st = self.global_state
         if not st:
             st.update(step=0, mfac=solver.new_window(x), buf=None)

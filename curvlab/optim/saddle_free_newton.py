@@ -33,6 +33,10 @@ class SaddleFreeNewton(ClosureOptimizer):
         params: parameters or param groups (all groups share the hyperparameters).
         method, k, damping, inner_steps, refresh, eig, lr, line_search, c1, shrink,
         max_backtracks, seed: as :class:`curvlab.solvers.SaddleFreeNewton`.
+        distributed: in a data-parallel run, average losses, gradients and Hessian-vector products
+            over the ranks (as DDP averages gradients), so every rank takes the same step; ``None``
+            (default): whether a process group of several ranks is active at creation (see
+            :mod:`curvlab.optim`).
 
     Example:
         >>> import torch, curvlab
@@ -60,6 +64,7 @@ class SaddleFreeNewton(ClosureOptimizer):
         shrink: float = 0.5,
         max_backtracks: int = 40,
         seed: int = 0,
+        distributed: bool | None = None,
     ) -> None:
         opts = dict(
             method=method,
@@ -76,7 +81,7 @@ class SaddleFreeNewton(ClosureOptimizer):
             seed=seed,
         )
         _Solver(**opts)  # validates
-        super().__init__(params, opts)
+        super().__init__(params, opts, distributed)
 
     def _loss_grad(self, closure: Callable[[], Any]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         loss = self._call(closure, "SaddleFreeNewton")
@@ -89,11 +94,18 @@ class SaddleFreeNewton(ClosureOptimizer):
         grads = tuple(torch.zeros_like(p) if gi is None else gi for p, gi in zip(self._params, grads))
         return loss.detach().reshape(()), self._spec.flatten_tree(list(grads)), grads
 
+    def _averaged(self, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and gradient averaged over the ranks in one collective (unchanged when not data-parallel)."""
+        if not self.distributed:
+            return f, g
+        both = self._average(torch.cat([g.detach().reshape(-1), f.reshape(1).to(g.dtype)]))
+        return both[-1].to(f.dtype), both[:-1]
+
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One saddle-free Newton update; ``closure() -> scalar loss``. Returns the loss before the step."""
         solver = _Solver(**self.options)
         f0, g_graph, _ = self._loss_grad(closure)  # type: ignore[arg-type]
-        g = g_graph.detach()
+        f0, g = self._averaged(f0, g_graph.detach())
         st = self.global_state
         if not st:
             st.update(step=0, U=None, eigvals=None, since_refresh=0, n_refresh=0)
@@ -107,7 +119,8 @@ class SaddleFreeNewton(ClosureOptimizer):
         def hvp(v: Tensor) -> Tensor:
             with torch.enable_grad():
                 hv = torch.autograd.grad(g_graph, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-            return torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for p, h in zip(params, hv)])
+            out = torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for p, h in zip(params, hv)])
+            return self._average(out)
 
         H = MatvecOperator(hvp, g.shape[0], g.dtype, g.device, symmetric=True)
         x = self._flat()
@@ -116,7 +129,7 @@ class SaddleFreeNewton(ClosureOptimizer):
         def grad_at(z: Tensor) -> tuple[Tensor, Tensor]:
             self._write(z)
             f, gz, _ = self._loss_grad(closure)  # type: ignore[arg-type]
-            return f, gz.detach()
+            return self._averaged(f, gz.detach())
 
         vars_ = {k: st[k] for k in ("U", "eigvals", "since_refresh", "n_refresh")}
         x_new, _, _, vars_, log, _ = solver.update(x, f0, g, H, value_at, grad_at, vars_)

@@ -33,6 +33,10 @@ class Sven(ClosureOptimizer):
         lr, k, rtol, atol, kappa, svd, n_oversample, n_power, param_fraction, param_blocks,
         microbatch, rmsprop, rmsprop_alpha, rmsprop_eps, rmsprop_momentum, seed,
         chunk_size: as :class:`curvlab.solvers.Sven`.
+        distributed: in a data-parallel run, all-gather the per-sample losses and Jacobian rows, so
+            every rank takes the step of one process on the union of the ranks' batches; ``None``
+            (default): whether a process group of several ranks is active at creation (see
+            :mod:`curvlab.optim`).
 
     Example:
         >>> import torch, curvlab
@@ -65,13 +69,14 @@ class Sven(ClosureOptimizer):
         rmsprop_momentum: float = 0.0,
         seed: int = 0,
         chunk_size: int | None = None,
+        distributed: bool | None = None,
     ) -> None:
         opts = dict(lr=lr, k=k, rtol=rtol, atol=atol, kappa=kappa, svd=svd, n_oversample=n_oversample,
                     n_power=n_power, param_fraction=param_fraction, param_blocks=param_blocks,
                     microbatch=microbatch, rmsprop=rmsprop, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps,
                     rmsprop_momentum=rmsprop_momentum, seed=seed, chunk_size=chunk_size)
         _sven.Sven(**opts)  # validates
-        super().__init__(params, opts)
+        super().__init__(params, opts, distributed)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One Sven update; ``closure() -> per_sample_losses``. Returns the mean loss before the step."""
@@ -83,7 +88,7 @@ class Sven(ClosureOptimizer):
                 "the Sven closure must return per-sample losses of shape (batch,), got "
                 f"{getattr(losses, 'shape', type(losses).__name__)}; use reduction='none'"
             )
-        f0 = losses.detach().mean()
+        f0 = self._mean(losses)
         st = self.global_state
         if not st:
             st.update(step=0, v=None, buf=None)
@@ -93,6 +98,7 @@ class Sven(ClosureOptimizer):
         J = self._jacobian(losses, solver.chunk_size)
         if index is not None:
             J = J[:, index]
+        losses, J = self._gather(losses.detach(), J)  # data-parallel: the global mini-batch's rows
         R, M = solver.conditions(losses.detach(), J)
         if not (bool(torch.isfinite(R).all()) and bool(torch.isfinite(M).all())):
             warnings.warn("Sven: non-finite losses or Jacobian; the step is skipped", RuntimeWarning, stacklevel=2)

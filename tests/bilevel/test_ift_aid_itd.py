@@ -105,3 +105,72 @@ def test_ift_scales_to_a_million_hyperparameters():
     r = bl.IFT(lr=1.0, inner_lr=0.5, T=5, K=5).solve(p, max_iter=3)
     assert r.x_flat.shape == (n,) and r.state["hvps"] == 15
     assert closed_form(r.x_flat) < 0.9 * closed_form(torch.zeros(n))
+
+
+# ------------------------------------------------- AID with strong inner / outer solvers
+def test_inner_graph_products_equal_closed_form(q):
+    from bilevel._graph import InnerGraph
+
+    x, y, v = torch.randn(5, dtype=D), torch.randn(10, dtype=D), torch.randn(10, dtype=D)
+    G = InnerGraph(q.problem, x, y)
+    torch.testing.assert_close(G.gy, q.A @ y - q.B @ x - q.b)
+    torch.testing.assert_close(G.hvp(v), q.A @ v)
+    torch.testing.assert_close(G.jxy(v), -q.B.T @ v)  # ∇²_xy g · v for g = ½yᵀAy − yᵀ(Bx + b)
+    torch.testing.assert_close(G.hessian(), q.A)
+    torch.testing.assert_close(G.solve_dense(v), torch.linalg.solve(q.A, v))
+
+
+def test_warm_started_adjoint_equals_cold_started(q):
+    p = q.problem
+    x = torch.randn(5, dtype=D)
+    y = q.y_star(x)
+    cold, w, _, cinfo = implicit_hypergradient(p, x, y, None, None, "cg", tol=1e-12)
+    warm, _, _, info = implicit_hypergradient(
+        p, x, y, None, None, "cg", tol=1e-12, x0=w + 1e-3 * torch.randn(10, dtype=D)
+    )
+    assert _rel(warm, cold) < 1e-9 and _rel(warm, q.hypergradient(x)) < 1e-9
+    assert info.n_iter <= cinfo.n_iter  # a nearby start needs no more iterations
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bl.AID(),  # dense Newton inner + L-BFGS outer with line search
+        lambda: bl.AID(inner="newton_cg", solve_tol=1e-12),  # CG's relative tolerance bounds the accuracy
+        lambda: bl.AID(inner="newton_cg", linear_solve="dense"),
+        lambda: bl.AID(inner=__import__("curvlab").solvers.NewtonCG(cg_tol=1e-12), inner_tol=1e-10, solve_tol=1e-12),
+    ],
+    ids=["defaults", "newton_cg", "newton_cg-dense", "curvlab-NewtonCG"],
+)
+def test_aid_strong_inner_converges_to_1e8(q, make):
+    r = make().solve(q.problem, max_iter=100, tol=1e-11)
+    assert _rel(r.x_flat, q.x_star) < 1e-8, (r.status, r.message)
+    assert _rel(r.y_flat, q.y_star(r.x_flat)) < 1e-8
+    assert r.n_iter < 60
+
+
+def test_aid_line_search_decreases_f_monotonically(q):
+    values = []
+    r = bl.AID(optimizer="sgd").solve(q.problem, max_iter=40, callback=lambda s: values.append(q.outer_value(s["x"])))
+    assert r.history["step_size"][0] > 0
+    F0 = q.outer_value(q.problem.x0)
+    assert all(b <= a + 1e-12 for a, b in zip([F0, *values], values))
+    assert values[-1] - q.outer_star < 1e-3 * (F0 - q.outer_star)
+
+
+def test_aid_option_errors():
+    qs = quadratic(dx=2, dy=3, n_batches=2)
+    with pytest.raises(ValueError, match="deterministic"):
+        bl.AID(optimizer="lbfgs").solve(qs.problem, max_iter=1)
+    assert bl.AID().inner_method(qs.problem) == "gd" and bl.AID().outer_method(qs.problem) == ("sgd", False)
+    p = bl.BilevelProblem(
+        lambda x, y, b: (y**2).sum(),
+        lambda x, y, b: ((y - x) ** 2).sum(),
+        torch.zeros(2, dtype=D),
+        torch.zeros(2, dtype=D),
+        y_set=bl.Ball(1.0),
+    )
+    with pytest.raises(ValueError, match="y_set"):
+        bl.AID(inner="newton").solve(p, max_iter=1)
+    with pytest.raises(ValueError, match="inner"):
+        bl.AID(inner="bfgs")

@@ -128,6 +128,9 @@ def run_all() -> dict[str, Any]:
     out["sven_rand_x"] = r.flat
     r = cl.solvers.GradientDescent(lr=0.3, momentum=0.5).solve(sprob, max_iter=4, tol=0.0)
     out["gd_x"] = r.flat
+    r = cl.solvers.MFAC(lr=0.1, ngrads=3, damping=0.1, momentum=0.5).solve(sprob, max_iter=5, tol=0.0)
+    out["mfac_x"] = r.flat
+    optim_scenarios(out, params, local_batches)
     dprob = cl.Minimize(batch_loss, params, whole)  # deterministic: the whole data every step
     r = cl.solvers.NewtonCG(damping=0.1).solve(dprob, max_iter=3, tol=0.0)
     out["newtoncg_x"], out["newtoncg_value"] = r.flat, torch.tensor(r.value)
@@ -146,10 +149,113 @@ def run_all() -> dict[str, Any]:
     out["egn_lsq_x"] = r.flat
     r = cl.solvers.GaussNewton().solve(lsq, max_iter=4, tol=0.0)
     out["gn_lsq_x"] = r.flat
+    bilevel_scenarios(out)
     return {
         k: (torch.as_tensor(val).detach().cpu() if not isinstance(val, torch.Tensor) else val.detach().cpu())
         for k, val in out.items()
     }
+
+
+def optim_scenarios(out: dict[str, Any], params: dict, local_batches: list) -> None:
+    """A few steps of the ``curvlab.optim`` adapters, each rank's closure on its half of the global mini-batch."""
+
+    def run(make: Any, closure_for: Any, n: int = 3) -> torch.Tensor:
+        ps = [t.clone().requires_grad_(True) for t in params.values()]
+        p = dict(zip(params, ps))
+        opt = make(ps)
+        for b in local_batches[:n]:
+            opt.step(closure_for(opt, p, b))
+        return torch.cat([t.detach().reshape(-1) for t in ps])
+
+    def rows(opt: Any, p: dict, b: Any) -> Any:
+        def closure() -> tuple[torch.Tensor, torch.Tensor]:
+            o = model(p, b[0])
+            return ce(o, b[1]), o
+
+        return closure
+
+    def backward(opt: Any, p: dict, b: Any) -> Any:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = batch_loss(p, b)
+            loss.backward()
+            return loss
+
+        return closure
+
+    out["optim_egn_x"] = run(lambda ps: cl.optim.EGN(ps, damping=0.5, line_search=True, momentum=0.3), rows)
+    out["optim_sven_x"] = run(lambda ps: cl.optim.Sven(ps, lr=0.5), rows)
+    out["optim_mfac_x"] = run(lambda ps: cl.optim.MFAC(ps, lr=0.1, ngrads=2, damp=0.1, momentum=0.5), backward, 4)
+    out["optim_sfn_x"] = run(
+        lambda ps: cl.optim.SaddleFreeNewton(ps, method="lowrank", k=4, damping=0.1),
+        lambda o, p, b: lambda: batch_loss(p, b),
+        2,
+    )
+
+
+def _logreg(w: torch.Tensor, batch: Any) -> torch.Tensor:
+    x, t = batch
+    return F.binary_cross_entropy_with_logits(x @ w, t)
+
+
+def bilevel_scenarios(out: dict[str, Any]) -> None:
+    """Bilevel oracles and a few F2SA / AID / IFT / BO-REP steps on sharded logistic-regression hyperparameters."""
+    import bilevel as bl
+
+    g = torch.Generator().manual_seed(11)
+    d = 5
+    w_true = torch.randn(d, generator=g, dtype=DT)
+    Xtr, Xval = torch.randn(32, d, generator=g, dtype=DT), torch.randn(21, d, generator=g, dtype=DT)
+    ttr = (Xtr @ w_true + 0.5 * torch.randn(32, generator=g, dtype=DT) > 0).to(DT)
+    tval = (Xval @ w_true > 0).to(DT)
+
+    def inner(x: torch.Tensor, y: torch.Tensor, b: Any) -> torch.Tensor:  # per-feature log ridge penalties
+        return _logreg(y, b) + 0.5 * (torch.exp(x) * y * y).sum()
+
+    def outer(x: torch.Tensor, y: torch.Tensor, b: Any) -> torch.Tensor:
+        return _logreg(y, b) + 1e-3 * (x * x).sum()
+
+    x0, y0 = torch.full((d,), -1.0, dtype=DT), torch.zeros(d, dtype=DT)
+    # deterministic: one contiguous shard of each dataset per rank (unequal sizes on the outer side)
+    det = bl.BilevelProblem(outer, inner, x0, y0, outer_data=cd.shard((Xval, tval)), inner_data=cd.shard((Xtr, ttr)))
+    # over all the data, as a list of batches dealt to the ranks
+    tr_batches = [(Xtr[i : i + 8], ttr[i : i + 8]) for i in range(0, 32, 8)]
+    allp = bl.BilevelProblem(outer, inner, x0, y0, outer_data=[cd.shard((Xval, tval))], inner_data=cd.shard(tr_batches))
+    xs, ys, v = x0 + 0.3, _vec(d, 12), _vec(d, 13)
+    out["bl_f"], out["bl_g"] = allp.f(xs, ys), allp.g(xs, ys)
+    out["bl_f_grads"] = torch.cat([t.reshape(-1) for t in allp.f_and_grad(xs, ys)])
+    out["bl_g_grad_y"] = allp.grad_g_y(xs, ys)
+    out["bl_second_g"] = torch.cat(allp.second_g(xs, ys, v))  # type: ignore[arg-type]
+    out["bl_hvp_op"] = allp.hvp_yy_operator(xs, ys)(v)
+    out["bl_onebatch_grads"] = torch.cat(det.g_and_grad(xs, ys, det.draw_inner(0))[1:])
+    closed = bl.BilevelProblem(lambda x, y, b: ((y - 1) ** 2).sum(), lambda x, y, b: ((y - x) ** 2).sum(), x0, y0)
+    out["bl_closed_g"] = closed.g(xs, ys)
+
+    with torch.enable_grad():  # differentiable global values (unrolled differentiation)
+        xg, yg = xs.clone().requires_grad_(True), ys.clone().requires_grad_(True)
+        (gyd,) = torch.autograd.grad(allp.g_diff(xg, yg), yg, create_graph=True)
+        (gxd,) = torch.autograd.grad((gyd * v).sum() + allp.f_diff(xg, yg), xg)
+        out["bl_diff_grads"] = torch.cat([gyd.detach(), gxd])
+    # and through torch.func (forward-over-reverse HVP of the differentiable global inner value)
+    out["bl_diff_hvp"] = cl.linops.hessian(lambda yv: allp.g_diff(xs, yv), ys.clone()) @ v
+    r = bl.AID(lr=0.5, inner_steps=20, solve_tol=1e-12).solve(det, max_iter=3, tol=0.0)
+    out["aid_x"], out["aid_y"] = r.x_flat, r.y_flat
+    # stochastic: global mini-batch k is the union of the ranks' halves of batch k
+    gtr = [(Xtr[i : i + 8], ttr[i : i + 8]) for i in range(0, 32, 8)]
+    gval = [(Xval[i : i + 7], tval[i : i + 7]) for i in range(0, 21, 7)]
+    sto = bl.BilevelProblem(
+        outer, inner, x0, y0, outer_data=[cd.shard(b) for b in gval], inner_data=[cd.shard(b) for b in gtr]
+    )
+    r = bl.F2SA(lr_y=0.1, lr_z=0.5, n_inner_steps=3).solve(sto, max_iter=3, tol=0.0)
+    out["f2sa_x"], out["f2sa_y"] = r.x_flat, r.y_flat
+    r = bl.IFT(lr=0.5, T=4, K=8, optimizer="adam").solve(sto, max_iter=2, tol=0.0)
+    out["ift_x"] = r.x_flat
+    r = bl.ITD(lr=0.5, K=4).solve(sto, max_iter=2, tol=0.0)
+    out["itd_x"] = r.x_flat
+    r = bl.F2SA(lr_y=0.1, lr_z=0.5, n_inner_steps=2, momentum=True).solve(det, max_iter=3, tol=0.0)
+    out["f2sa_mom_x"] = r.x_flat
+    r = bl.BOREP(lr=0.1, n_inner_steps=3, init_epochs=2, init_steps=2).solve(sto, max_iter=4, tol=0.0)
+    out["borep_x"], out["borep_y"] = r.x_flat, r.y_flat
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -109,7 +109,8 @@ def _compiled_vs_eager(options):
     v, V = torch.randn(P, generator=g, dtype=torch.float64), torch.randn(P, 3, generator=g, dtype=torch.float64)
     H, Hc = (cl.linops.hessian(loss, params, data=batches, compile=c) for c in (False, options))
     G, Gc = (cl.linops.ggn(model, ce, params, batches, compile=c) for c in (False, options))
-    for A, B in ((H, Hc), (G, Gc)):
+    F, Fc = (cl.linops.fisher(model, ce, params, batches, compile=c) for c in (False, options))
+    for A, B in ((H, Hc), (G, Gc), (F, Fc)):
         torch.testing.assert_close(B @ v, A @ v, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(B @ V, A @ V, rtol=1e-10, atol=1e-12)
 
@@ -135,3 +136,7 @@ def test_compiled_products_match_eager_inductor():
 def test_compile_option_validation():
     with pytest.raises(TypeError, match="compile"):
         cl.linops.hessian(lambda x: (x**2).sum(), torch.ones(2), compile="yes")
+    with pytest.raises(TypeError, match="compile"):
+        cl.linops.fisher(
+            lambda p, x: x @ p, lambda o, y: (o - y) ** 2, torch.ones(2), (torch.ones(3, 2), torch.ones(3)), compile=1
+        )

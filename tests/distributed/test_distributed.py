@@ -29,7 +29,10 @@ EXACT = [
     "cg", "minres", "jac_residuals", "jvp", "vjp",
     "prob_value", "prob_grad", "prob_value_only", "prob_hvp", "closed_value", "closed_grad",
     "egn_x", "egn_value", "sven_x", "sven_rand_x", "gd_x", "newtoncg_x", "newtoncg_value",
-    "egn_lsq_x", "gn_lsq_x",
+    "egn_lsq_x", "gn_lsq_x", "mfac_x", "optim_egn_x", "optim_sven_x", "optim_mfac_x", "optim_sfn_x",
+    "bl_f", "bl_g", "bl_f_grads", "bl_g_grad_y", "bl_second_g", "bl_hvp_op", "bl_onebatch_grads", "bl_closed_g",
+    "bl_diff_grads", "bl_diff_hvp", "itd_x", "aid_x", "aid_y", "ift_x",
+    "f2sa_x", "f2sa_y", "f2sa_mom_x", "borep_x", "borep_y",
 ]  # fmt: skip
 #: results drawn from unseeded probes: a single process draws other ones, but the ranks must agree
 RANKS_ONLY = ["trace_noseed", "lanczos_alpha"]
@@ -78,6 +81,16 @@ def test_helpers_are_noops_without_a_group():
     H = cl.linops.hessian(lambda x: (x**3).sum(), torch.ones(3))
     assert not H.distributed and not H.damped(1.0).distributed
     assert not cl.Minimize(lambda x: (x**2).sum(), torch.ones(2)).distributed
+    import bilevel as bl
+
+    q = bl.BilevelProblem(
+        lambda x, y, b: (y**2).sum(), lambda x, y, b: ((y - x) ** 2).sum(), torch.ones(2), torch.ones(2)
+    )
+    assert not q.distributed
+    w = torch.ones(2, requires_grad=True)
+    assert not cl.optim.MFAC([w]).distributed and not cl.optim.EGN([w], distributed=True).distributed
+    with pytest.raises(TypeError, match="distributed"):
+        cl.optim.Sven([w], distributed="yes")  # type: ignore[arg-type]
 
 
 def test_shard_tensors_lists_and_datasets():
