@@ -11,6 +11,7 @@ Solvers: IFT, AID (defaults and the classical gradient-descent variant), ITD, F2
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -119,7 +120,8 @@ try:
                 ax.set_yscale("log")
         axes[row, 0].legend()
     fig.tight_layout()
-    fig.savefig("bilevel_compare.png", dpi=110)
-    print("\nsaved bilevel_compare.png")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bilevel_compare.png")
+    fig.savefig(out, dpi=110)
+    print(f"\nsaved {out}")
 except ImportError:
     print("matplotlib not installed; no plot")

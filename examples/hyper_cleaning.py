@@ -11,6 +11,7 @@ Run: ``python examples/hyper_cleaning.py`` (about a minute on a laptop CPU).
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -86,7 +87,8 @@ try:
     axes[0].legend()
     fig.suptitle("Data hyper-cleaning, digits, 50 % corrupted labels")
     fig.tight_layout()
-    fig.savefig("hyper_cleaning.png", dpi=110)
-    print("\nsaved hyper_cleaning.png")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hyper_cleaning.png")
+    fig.savefig(out, dpi=110)
+    print(f"\nsaved {out}")
 except ImportError:
     print("matplotlib not installed; no plot")
