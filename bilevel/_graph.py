@@ -132,7 +132,9 @@ class InnerGraph:
         if self._factor is None:
             H = self.hessian()
             L, info = torch.linalg.cholesky_ex(H)
-            if int(info) == 0:
+            if not bool(torch.isfinite(H).all()):  # let the solve loop stop with status "nan" (eigh would raise)
+                self._factor = ("nan",)
+            elif int(info) == 0:
                 self._factor = ("chol", L)
             else:
                 lam, V = torch.linalg.eigh(H)
@@ -140,6 +142,8 @@ class InnerGraph:
                 self._factor = ("eig", V, lam.abs().clamp_min(floor))
         if self._factor[0] == "chol":
             return torch.cholesky_solve(b.reshape(-1, 1), self._factor[1]).reshape(b.shape)
+        if self._factor[0] == "nan":
+            return torch.full_like(b, float("nan"))
         _, V, lam = self._factor
         return V @ ((V.T @ b) / lam)
 

@@ -310,11 +310,14 @@ class AID(BilevelSolver):
             t = min(t, 10.0 * float(longest) / max(float(torch.linalg.vector_norm(d)), 1e-300))
         f0 = float(state["fcorr"])
         n_trials = 0
+        all_nonfinite = True  # every trial gave a non-finite F or hypergradient: stop with "nan", not a failed search
         while True:
             n_trials += 1
             x_t = problem.project_x(x + t * d).detach()
             ev = self._evaluate(problem, x_t, y, w, new)
             ft = float(ev["fcorr"])
+            if math.isfinite(ft) and bool(torch.isfinite(ev["hg"]).all()):
+                all_nonfinite = False
             # accept on sufficient decrease, with an inner solve that converged (else the step is too long)
             armijo = ft <= f0 + self.c1 * float(hg @ (x_t - x))
             # within F's rounding noise, a smaller hypergradient decides (Hager & Zhang 2005's approximate test)
@@ -322,6 +325,13 @@ class AID(BilevelSolver):
             if ev["inner_ok"] and math.isfinite(ft) and (armijo or noise):
                 break
             if n_trials >= self.max_backtracks:
+                if all_nonfinite:
+                    new.update(
+                        status="nan",
+                        message=f"non-finite outer value or hypergradient in all {n_trials} line-search trials; "
+                        "returning the last finite state",
+                    )
+                    return new
                 new.update(
                     status="line_search_failed",
                     message=(

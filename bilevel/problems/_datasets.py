@@ -87,7 +87,14 @@ def split(
     """Shuffle and split into train / validation / test (sizes as counts or fractions), standardising
     features with the training statistics."""
     n = len(X)
-    counts = [int(round(s * n)) if isinstance(s, float) else int(s) for s in sizes]
+    if all(isinstance(s, float) for s in sizes):
+        # fractions: round the cumulative sums, so fractions summing to 1 use every sample and never overshoot
+        if sum(sizes) > 1 + 1e-9:
+            raise ValueError(f"split fractions {tuple(sizes)} sum to more than 1")
+        cum = [min(n, int(round(c * n))) for c in np.cumsum(sizes)]
+        counts = [b - a for a, b in zip([0, *cum[:-1]], cum)]
+    else:
+        counts = [int(round(s * n)) if isinstance(s, float) else int(s) for s in sizes]
     if sum(counts) > n:
         raise ValueError(f"split sizes {counts} exceed the {n} samples")
     perm = np.random.default_rng(seed).permutation(n)
