@@ -18,7 +18,15 @@ from curvlab._data import Batch
 
 from ._problem import BilevelProblem
 
-__all__ = ["draw", "poly_decay", "project_nonneg_ball", "check_choice", "check_int", "check_unit"]
+__all__ = [
+    "draw",
+    "estimate_smoothness_fd",
+    "poly_decay",
+    "project_nonneg_ball",
+    "check_choice",
+    "check_int",
+    "check_unit",
+]
 
 
 def draw(problem: BilevelProblem, state: dict[str, Any], which: str) -> Batch:
@@ -31,6 +39,40 @@ def draw(problem: BilevelProblem, state: dict[str, Any], which: str) -> Batch:
     pos = int(state.get(key, 0))
     state[key] = pos + 1
     return problem.draw_outer(pos) if which == "outer" else problem.draw_inner(pos)
+
+
+def estimate_smoothness_fd(
+    grad_y: Any, y: Tensor, iters: int = 10, seed: int = 0, rel_eps: float | None = None
+) -> tuple[float, int]:
+    r"""Largest curvature of a function in ``y`` from gradients only (power iteration on finite differences).
+
+    :math:`H v \approx (\nabla(y + \epsilon v) - \nabla(y)) / \epsilon` keeps a first-order method first
+    order; ``iters`` power iterations give :math:`L \approx \|Hv\|` (an underestimate of
+    :math:`\lambda_{\max}` at worst by the power method's convergence; the callers halve the step for margin).
+
+    Args:
+        grad_y: ``y -> gradient`` (flat).
+        y: the point.
+        iters: power iterations (each one gradient).
+        seed: seed of the start vector.
+        rel_eps: difference step relative to ``max(1, ‖y‖)`` (default ``sqrt(eps)`` of the dtype).
+
+    Returns:
+        ``(L, n_gradients)``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(y.numel(), generator=gen, dtype=y.dtype).to(y.device)
+    v = v / torch.linalg.vector_norm(v)
+    eps = (math.sqrt(torch.finfo(y.dtype).eps) if rel_eps is None else rel_eps) * max(1.0, float(y.norm()))
+    g0 = grad_y(y)
+    L = 0.0
+    for _ in range(iters):
+        hv = (grad_y(y + eps * v) - g0) / eps
+        n = float(torch.linalg.vector_norm(hv))
+        if not math.isfinite(n) or n == 0.0:
+            break
+        L, v = n, hv / n
+    return max(L, 1e-12), iters + 1
 
 
 def poly_decay(s0: float, k: int, exponent: float, k0: float = 1.0) -> float:

@@ -53,10 +53,14 @@ import torch
 from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
+from ._common import estimate_inner_lipschitz
 from ._first_order import check_int, check_unit, draw
 from ._problem import BilevelProblem
 
 __all__ = ["BOREP"]
+
+#: the authors' code's defaults for the lower-level and linear-system step sizes
+_LR_Y, _LR_Z = 5e-2, 1e-2
 
 
 @options
@@ -66,8 +70,11 @@ class BOREP(BilevelSolver):
     Args:
         lr: :math:`\eta`, length of each normalized x step.
         momentum: :math:`\beta` of the momentum :math:`m_t`.
-        lr_z: :math:`\nu`, step size of the linear-system variable ``z``.
-        lr_y: :math:`\gamma`, SGD step size of the lower-level updates.
+        lr_z: :math:`\nu`, step size of the linear-system variable ``z``; ``None`` (default) gives the
+            authors' 1e-2 capped at :math:`1/L_g` (:math:`L_g` estimated at ``(x0, y0)`` by 20 Hessian-vector
+            power iterations), so the ``z`` recursion cannot diverge on a stiff lower level.
+        lr_y: :math:`\gamma`, SGD step size of the lower-level updates; ``None`` (default) gives the authors'
+            5e-2 capped at :math:`1/L_g` in the same way.
         interval: :math:`I`, update ``y`` every ``I`` iterations.
         n_inner_steps: :math:`N`, SGD steps per lower-level update.
         init_epochs: epochs of the initialization refinement (0 skips it).
@@ -85,8 +92,8 @@ class BOREP(BilevelSolver):
 
     lr: float = 5e-2
     momentum: float = 0.9
-    lr_z: float = 1e-2
-    lr_y: float = 5e-2
+    lr_z: float | None = None
+    lr_y: float | None = None
     interval: int = 2
     n_inner_steps: int = 10
     init_epochs: int = 3
@@ -97,7 +104,10 @@ class BOREP(BilevelSolver):
     supports_constraints = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "lr_z", "lr_y")
+        _check_positive(self, "lr")
+        for name in ("lr_z", "lr_y"):
+            if getattr(self, name) is not None:
+                _check_positive(self, name)
         _check_positive(self, "lr_decay", allow_zero=True)
         check_unit(self, "momentum")
         check_int(self, "interval", "n_inner_steps", "init_steps")
@@ -121,13 +131,20 @@ class BOREP(BilevelSolver):
     def refine(self, problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor) -> Tensor:
         """Initialization refinement (Algorithm 2, epoch-SGD): ``y`` close to :math:`y^*(x)`; counts into ``state``."""
         for j in range(self.init_epochs):
-            _, y, res = self._sgd(problem, state, x, y, self.init_steps * 2**j, self.lr_y / 2**j)
+            _, y, res = self._sgd(problem, state, x, y, self.init_steps * 2**j, state["lr_y"] / 2**j)
             state["inner_residual"] = res
         return y
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         self.check_problem(problem)
         state = base_state(problem)
+        lr_y, lr_z = self.lr_y, self.lr_z
+        if lr_y is None or lr_z is None:
+            L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
+            _count(state, hvps=n)
+            lr_y = min(_LR_Y, 1.0 / L) if lr_y is None else lr_y
+            lr_z = min(_LR_Z, 1.0 / L) if lr_z is None else lr_z
+        state["lr_y"], state["lr_z"] = float(lr_y), float(lr_z)
         state["y"] = self.refine(problem, state, state["x"], state["y"])
         state["z"] = torch.zeros_like(state["y"])
         state["m"] = torch.zeros_like(state["x"])
@@ -138,13 +155,13 @@ class BOREP(BilevelSolver):
         t = int(state["iter"])
         x, y, z = state["x"], state["y"], state["z"]
         if t % self.interval == 0:  # periodic lower-level update (Algorithm 3)
-            y, _, new["inner_residual"] = self._sgd(problem, new, x, y, self.n_inner_steps, self.lr_y)
+            y, _, new["inner_residual"] = self._sgd(problem, new, x, y, self.n_inner_steps, state["lr_y"])
         bo, bi = draw(problem, new, "outer"), draw(problem, new, "inner")
         fval, fx, fy = problem.f_and_grad(x, y, bo)
         jxz, hz = problem.second_g(x, y, z, bi)
         _count(new, grads=1, hvps=1)
         ghat = fx - jxz
-        z = z - self.lr_z * (hz - fy)
+        z = z - state["lr_z"] * (hz - fy)
         if self.z_radius is not None:
             n = torch.linalg.vector_norm(z)
             z = z * torch.clamp(self.z_radius / n.clamp_min(torch.finfo(z.dtype).tiny), max=1.0)

@@ -48,10 +48,11 @@ Only gradients of ``f`` and ``g`` are used: the ``hvps`` counter stays 0. Lower-
 constraints are not supported (use :class:`~bilevel.LVHBA`); ``x`` is projected onto
 ``x_set`` and ``y``, ``z`` onto ``y_set`` when given.
 
-Defaults: ``T = 10`` inner steps, ``ξ = 1``, ``k_0 = 1``, ``lr_y = 0.05``, ``lr_z = 0.5``. The paper's
-theory asks for :math:`\gamma_k \le 1/(4 l_{g,1} T)`-type bounds that depend on unknown constants, so
-no step size is scale-free: the defaults suit problems with :math:`L_g \approx 1` (the shipped ones).
-Setting them on a new problem (what we found works, e.g. ``examples/bilevel_compare.py``):
+Defaults: ``T = 10`` inner steps, ``ξ = 1``, ``k_0 = 1``, ``lr_z = 1/L_g`` estimated at the start from
+gradients only, ``lr_y = lr_z/10``. The paper's theory asks for :math:`\gamma_k \le 1/(4 l_{g,1} T)`-type
+bounds that depend on unknown constants, so no fixed step size is scale-free; the estimate makes the
+defaults follow the inner problem's scale (``y`` is then stable while :math:`L_{f,y} \lesssim 15 L_g`).
+Setting them by hand on a new problem (what we found works, e.g. ``examples/bilevel_compare.py``):
 
 * ``lr_z`` :math:`\approx 1/L_g` (:math:`L_g` the smoothness of ``g`` in ``y``): the ``z`` loop is plain
   gradient descent on :math:`g(x, \cdot)`;
@@ -73,7 +74,7 @@ import torch
 from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._first_order import check_choice, check_int, draw, poly_decay
+from ._first_order import check_choice, check_int, draw, estimate_smoothness_fd, poly_decay
 from ._problem import BilevelProblem
 
 __all__ = ["F2SA"]
@@ -93,8 +94,11 @@ class F2SA(BilevelSolver):
     r"""Fully first-order bilevel solver (Kwon et al. 2023, Algorithm 1; Algorithm 2 with ``momentum=True``).
 
     Args:
-        lr_y: :math:`\alpha_0`, step size of ``y`` on :math:`f + \lambda g` (and, times ``outer_ratio``, of ``x``).
-        lr_z: :math:`\gamma_0`, step size of ``z`` on ``g`` (about ``1/L_g``).
+        lr_y: :math:`\alpha_0`, step size of ``y`` on :math:`f + \lambda g` (and, times ``outer_ratio``, of ``x``);
+            ``None`` (default) gives ``lr_z / 10`` (so :math:`\lambda_0 = 5`).
+        lr_z: :math:`\gamma_0`, step size of ``z`` on ``g``; ``None`` (default) gives :math:`1/L_g` with
+            :math:`L_g` estimated at ``(x0, y0)`` from 11 gradients of ``g`` (finite-difference power
+            iteration — no Hessian products), stored in the state.
         lmbda0: :math:`\lambda_0`; ``None`` gives the paper's :math:`\gamma_0 / (2\alpha_0)`.
         outer_ratio: :math:`\xi`, the x step is :math:`\xi\alpha_k`.
         n_inner_steps: :math:`T`, inner ``y``/``z`` steps per outer step.
@@ -112,8 +116,8 @@ class F2SA(BilevelSolver):
         0
     """
 
-    lr_y: float = 0.05
-    lr_z: float = 0.5
+    lr_y: float | None = None
+    lr_z: float | None = None
     lmbda0: float | None = None
     outer_ratio: float = 1.0
     n_inner_steps: int = 10
@@ -126,7 +130,10 @@ class F2SA(BilevelSolver):
     supports_constraints = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr_y", "lr_z", "outer_ratio", "momentum_c")
+        _check_positive(self, "outer_ratio", "momentum_c")
+        for name in ("lr_y", "lr_z"):
+            if getattr(self, name) is not None:
+                _check_positive(self, name)
         if self.lmbda0 is not None:
             _check_positive(self, "lmbda0")
         check_int(self, "n_inner_steps")
@@ -154,14 +161,22 @@ class F2SA(BilevelSolver):
             regime = "stochastic" if problem.stochastic else "deterministic"
         return _EXPONENTS[(bool(self.momentum), regime)]
 
-    def _lmbda0(self) -> float:
-        return self.lr_z / (2 * self.lr_y) if self.lmbda0 is None else float(self.lmbda0)
+    def _lmbda0(self, state: dict[str, Any]) -> float:
+        return state["lr_z"] / (2 * state["lr_y"]) if self.lmbda0 is None else float(self.lmbda0)
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         self.check_problem(problem)
         state = base_state(problem)
+        lr_z = self.lr_z
+        if lr_z is None:
+            bi = problem.draw_inner(0)
+            L, n = estimate_smoothness_fd(lambda v: problem.grad_g_y(state["x"], v, bi), state["y"])
+            _count(state, grads=n)
+            lr_z = 1.0 / L
+        state["lr_z"] = float(lr_z)
+        state["lr_y"] = float(self.lr_y) if self.lr_y is not None else state["lr_z"] / 10
         state["z"] = state["y"].clone()
-        state["lmbda"] = self._lmbda0()
+        state["lmbda"] = self._lmbda0(state)
         if self.momentum:
             state["direction"] = None
             state["prev"] = None
@@ -183,8 +198,8 @@ class F2SA(BilevelSolver):
         new["log"] = {}
         k = int(state["iter"])
         a, c = self.schedule(problem)
-        alpha = poly_decay(self.lr_y, k, a, self.k0)
-        gamma = poly_decay(self.lr_z, k, c, self.k0)
+        alpha = poly_decay(state["lr_y"], k, a, self.k0)
+        gamma = poly_decay(state["lr_z"], k, c, self.k0)
         lam = float(state["lmbda"])
         x, y, z = state["x"], state["y"], state["z"]
         gz = None
@@ -208,8 +223,9 @@ class F2SA(BilevelSolver):
             new["prev"] = {"x": x, "y": y, "z": z, "lmbda": lam}
         new["x"] = problem.project_x(x - self.outer_ratio * alpha * h)
         new["y"], new["z"] = y, z
-        lam_next = self._lmbda0() * ((k + 1 + self.k0) / self.k0) ** (a - c)
-        new["lmbda"] = lam + (lam_next - self._lmbda0() * ((k + self.k0) / self.k0) ** (a - c))  # + δ_k
+        lam0 = self._lmbda0(state)
+        lam_next = lam0 * ((k + 1 + self.k0) / self.k0) ** (a - c)
+        new["lmbda"] = lam + (lam_next - lam0 * ((k + self.k0) / self.k0) ** (a - c))  # + δ_k
         new["iter"] = k + 1
         new["outer_value"] = fval
         new["hypergrad_norm"] = float(torch.linalg.vector_norm(h))

@@ -60,7 +60,8 @@ def options(cls: type) -> type:
 def _check_positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
     for n in names:
         v = getattr(obj, n)
-        ok = isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)  # True is not a step size
+        ok = number and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
         if not ok:
             want = "a finite number >= 0" if allow_zero else "a finite number > 0"
             raise ValueError(f"{type(obj).__name__}.{n} must be {want}, got {v!r}")

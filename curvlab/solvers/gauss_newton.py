@@ -225,7 +225,9 @@ class GaussNewton(Solver):
                 diag = torch.maximum(diag, col)
             extra: dict[str, Any] = {"svd": None, "diag": diag}
             if bool(torch.isfinite(J).all()):  # else the loop stops on the non-finite gradient
-                extra["svd"] = torch.linalg.svd(J / diag, full_matrices=False)
+                # a plain tuple, not torch.return_types.linalg_svd: the state must load with torch.load's
+                # default weights_only=True
+                extra["svd"] = tuple(torch.linalg.svd(J / diag, full_matrices=False))
         else:
             Jop = problem.jacobian(x, ALL)
             r = Jop.residuals

@@ -162,7 +162,9 @@ class SaddleFreeNewton(Solver):
             "matvecs": state["matvecs"] + mv,
             "log": log,
         }
-        if log.get("failed"):
+        if log.get("nonfinite"):
+            out.update(status="nan", message="non-finite Hessian eigenpairs; returning the last finite parameters")
+        elif log.get("failed"):
             out.update(status="line_search_failed", message="Armijo line search found no decrease")
         return out
 
@@ -280,17 +282,23 @@ class SaddleFreeNewton(Solver):
             n = g.shape[0]
             k = min(self.k, n)
             before = H.n_matvecs if hasattr(H, "n_matvecs") else 0
-            if self.eig == "randomized":
-                gen = torch.Generator(device=g.device).manual_seed(self.seed + int(vars_.get("n_refresh", 0)))
-                lam, U = randomized_eigh(H, k, generator=gen)
-            else:
-                gen = torch.Generator(device=g.device).manual_seed(self.seed)
-                v0 = torch.randn(n, generator=gen, dtype=g.dtype, device=g.device)
-                r = lanczos(H, k, v0=v0)
-                theta, S = r.ritz()
-                assert r.Q is not None
-                lam, U = theta, r.Q @ S
+            try:
+                if self.eig == "randomized":
+                    gen = torch.Generator(device=g.device).manual_seed(self.seed + int(vars_.get("n_refresh", 0)))
+                    lam, U = randomized_eigh(H, k, generator=gen)
+                else:
+                    gen = torch.Generator(device=g.device).manual_seed(self.seed)
+                    v0 = torch.randn(n, generator=gen, dtype=g.dtype, device=g.device)
+                    r = lanczos(H, k, v0=v0)
+                    theta, S = r.ritz()
+                    assert r.Q is not None
+                    lam, U = theta, r.Q @ S
+            except torch.linalg.LinAlgError:  # e.g. non-finite Hessian-vector products
+                lam = None
             mv = (H.n_matvecs - before) if hasattr(H, "n_matvecs") else 0
+            if lam is None or not (bool(torch.isfinite(lam).all()) and bool(torch.isfinite(U).all())):
+                log = {"damping": gamma, "t": 0.0, "failed": True, "nonfinite": True}
+                return x, f0, None, vars_, log, mv
             vars_.update(U=U, eigvals=lam, since_refresh=0, n_refresh=int(vars_.get("n_refresh", 0)) + 1)
         vars_["since_refresh"] = int(vars_["since_refresh"]) + 1
         d = -woodbury_abs_solve(U, lam, g, gamma)

@@ -46,7 +46,7 @@ def test_initialization_refinement_and_periodic_updates():
         state = solver.step(q.problem, state)
     # y refreshed at t = 0 and t = 3 (N = 4 steps each); one ∇f per iteration
     assert state["grads"] == 150 + 2 * 4 + 6
-    assert state["hvps"] == 6
+    assert state["hvps"] == 20 + 6  # 20 power iterations estimate L_g for the default lr_z, then one per step
 
 
 def test_z_projection_radius():
