@@ -30,21 +30,13 @@ import torch
 from torch import Tensor
 
 from curvlab._result import History
-from curvlab.solvers._base import _check_positive, options
+from curvlab.solvers._base import _check_positive, _finite, check_run_args, options, run_loop
 
 from ._problem import BilevelProblem
 
 __all__ = ["BilevelSolver", "BilevelResult", "options", "_check_positive", "_count", "base_state"]
 
 NAN = float("nan")
-
-
-def _finite(t: Any) -> bool:
-    if t is None:
-        return True
-    if isinstance(t, Tensor):
-        return bool(torch.isfinite(t).all())
-    return math.isfinite(float(t))
 
 
 def _count(state: dict[str, Any], grads: int = 0, hvps: int = 0) -> dict[str, Any]:
@@ -186,60 +178,47 @@ class BilevelSolver:
             TypeError: ``problem`` not a :class:`~bilevel.BilevelProblem`.
             FloatingPointError: non-finite values with ``raise_on_nan=True``.
         """
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        check_run_args(max_iter, tol)
         self.check_problem(problem)
         t0 = time.perf_counter()
-        history = History()
         if state is None:
             state = self.init(problem)
-        status, message = None, ""
-        if not (_finite(state["x"]) and _finite(state["y"])):
-            status, message = "nan", "the starting point is not finite"
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=max_iter, initial=int(state["iter"]), desc=type(self).__name__)
-        try:
-            while status is None:
-                hg = state.get("hypergrad_norm", NAN)
-                if tol > 0 and int(state["iter"]) > 0 and math.isfinite(float(hg)) and float(hg) <= tol:
-                    status, message = "converged", f"hypergradient norm {float(hg):.3g} <= tol {tol:.3g}"
-                    break
-                if state.get("status"):
-                    status = state["status"]
-                    message = state.get("message", status)
-                    break
-                if state["iter"] >= max_iter:
-                    status, message = "max_iter", f"reached max_iter={max_iter}"
-                    break
-                new = self.step(problem, state)
-                if not (_finite(new["x"]) and _finite(new["y"]) and _finite(new["outer_value"])):
-                    status = "nan"
-                    message = (
-                        f"non-finite x, y or outer value at iteration {int(new['iter'])}; "
-                        "returning the last finite state"
-                    )
-                    break
-                if abs(float(new["outer_value"])) > 1e100 or float(new["x"].abs().max()) > 1e100:
-                    status, message = "diverged", f"outer value {float(new['outer_value']):.3g} blew up"
-                    state = new
-                    break
-                state = new
-                history.append(self._record(state, t0))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(outer=f"{float(state['outer_value']):.4g}")
-                if callback is not None and callback(state):
-                    status, message = "callback", "stopped by the callback"
-        finally:
-            if bar is not None:
-                bar.close()
-        if status == "nan" and raise_on_nan:
-            raise FloatingPointError(message)
+        def start(st: dict[str, Any]) -> str | None:
+            return None if _finite(st["x"]) and _finite(st["y"]) else "the starting point is not finite"
+
+        def converged(st: dict[str, Any]) -> str | None:
+            hg = float(st.get("hypergrad_norm", NAN))
+            if tol > 0 and int(st["iter"]) > 0 and math.isfinite(hg) and hg <= tol:
+                return f"hypergradient norm {hg:.3g} <= tol {tol:.3g}"
+            return None
+
+        def nonfinite(st: dict[str, Any]) -> str | None:
+            if _finite(st["x"]) and _finite(st["y"]) and _finite(st["outer_value"]):
+                return None
+            return f"non-finite x, y or outer value at iteration {int(st['iter'])}; returning the last finite state"
+
+        def blew_up(st: dict[str, Any]) -> str | None:
+            if abs(float(st["outer_value"])) > 1e100 or float(st["x"].abs().max()) > 1e100:
+                return f"outer value {float(st['outer_value']):.3g} blew up"
+            return None
+
+        state, status, message, history = run_loop(
+            self,
+            problem,
+            state,
+            t0=t0,
+            max_iter=max_iter,
+            callback=callback,
+            progress=progress,
+            raise_on_nan=raise_on_nan,
+            start=start,
+            converged=converged,
+            nonfinite=nonfinite,
+            blew_up=blew_up,
+            record=self._record,
+            postfix=lambda st: {"outer": f"{float(st['outer_value']):.4g}"},
+        )
         return BilevelResult(
             x=problem.to_user_x(state["x"]),
             y=problem.to_user_y(state["y"]),

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,59 +148,45 @@ class Solver:
             TypeError: if the problem type is not supported by this solver.
             FloatingPointError: on non-finite values when ``raise_on_nan=True``.
         """
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        check_run_args(max_iter, tol)
         self.check_problem(problem)
         t0 = time.perf_counter()
-        history = History()
         if state is None:
             state = self.init(problem)
-        status, message = None, ""
-        if not (_finite(state["value"]) and _finite(state.get("grad_norm"))):
-            status, message = "nan", "the objective or its gradient is not finite at the starting point"
-        bar = None
-        if progress and _dist.is_main_process():  # data-parallel: rank 0 shows the bar
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=max_iter, initial=int(state["iter"]), desc=type(self).__name__)
-        try:
-            while status is None:
-                gn = state.get("grad_norm")
-                if gn is not None and float(gn) <= tol:
-                    status, message = "converged", f"gradient norm {float(gn):.3g} <= tol {tol:.3g}"
-                    break
-                if state.get("status"):
-                    status = state["status"]
-                    message = state.get("message", status)
-                    break
-                if state["iter"] >= max_iter:
-                    status, message = "max_iter", f"reached max_iter={max_iter}"
-                    break
-                new = self.step(problem, state)
-                if not (_finite(new["value"]) and _finite(new.get("grad_norm")) and _finite(new["x"])):
-                    status = "nan"
-                    message = (
-                        f"non-finite value at iteration {int(new['iter'])}; returning the last finite parameters"
-                    )
-                    break
-                if abs(float(new["value"])) > 1e100:
-                    status, message = "diverged", f"objective {float(new['value']):.3g} blew up"
-                    state = new
-                    break
-                state = new
-                history.append(self._record(state, t0))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(value=f"{float(state['value']):.4g}")
-                if callback is not None and callback(state):
-                    status, message = "callback", "stopped by the callback"
-        finally:
-            if bar is not None:
-                bar.close()
-        if status == "nan" and raise_on_nan:
-            raise FloatingPointError(message)
+        def start(st: dict[str, Any]) -> str | None:
+            ok = _finite(st["value"]) and _finite(st.get("grad_norm"))
+            return None if ok else "the objective or its gradient is not finite at the starting point"
+
+        def converged(st: dict[str, Any]) -> str | None:
+            gn = st.get("grad_norm")
+            return f"gradient norm {float(gn):.3g} <= tol {tol:.3g}" if gn is not None and float(gn) <= tol else None
+
+        def nonfinite(st: dict[str, Any]) -> str | None:
+            if _finite(st["value"]) and _finite(st.get("grad_norm")) and _finite(st["x"]):
+                return None
+            return f"non-finite value at iteration {int(st['iter'])}; returning the last finite parameters"
+
+        def blew_up(st: dict[str, Any]) -> str | None:
+            v = float(st["value"])
+            return f"objective {v:.3g} blew up" if abs(v) > 1e100 else None
+
+        state, status, message, history = run_loop(
+            self,
+            problem,
+            state,
+            t0=t0,
+            max_iter=max_iter,
+            callback=callback,
+            progress=progress,
+            raise_on_nan=raise_on_nan,
+            start=start,
+            converged=converged,
+            nonfinite=nonfinite,
+            blew_up=blew_up,
+            record=self._record,
+            postfix=lambda st: {"value": f"{float(st['value']):.4g}"},
+        )
         return Result(
             params=problem.spec.to_user(state["x"]),
             value=float(state["value"]),
@@ -211,6 +198,95 @@ class Solver:
             flat=state["x"].detach().clone(),
             message=message,
         )
+
+
+def check_run_args(max_iter: Any, tol: Any) -> None:
+    """Validate ``solve``'s ``max_iter`` and ``tol`` (shared by every solve loop)."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+
+
+Check = Callable[[dict[str, Any]], "str | None"]
+
+
+def run_loop(
+    solver: Any,
+    problem: Any,
+    state: dict[str, Any],
+    *,
+    t0: float,
+    max_iter: int,
+    callback: Any,
+    progress: bool,
+    raise_on_nan: bool,
+    start: Check,
+    converged: Check,
+    nonfinite: Check,
+    blew_up: Check,
+    record: Callable[[dict[str, Any], float], dict[str, Any]],
+    postfix: Callable[[dict[str, Any]], dict[str, str]],
+) -> tuple[dict[str, Any], str, str, History]:
+    """The iteration loop every ``solve`` shares (single-level here, bilevel in :mod:`bilevel`).
+
+    Stops, in this order, when ``converged(state)`` gives a message, the state carries a
+    ``status``, ``max_iter`` is reached, the next state is non-finite (``"nan"``: the last
+    finite state is kept), blows up (``"diverged"``) or the callback returns ``True``. The
+    check functions return ``None`` to go on or the sentence that explains the stop. Only
+    the main process of a data-parallel run shows the tqdm bar.
+
+    Returns:
+        ``(final state, status, message, history)``.
+
+    Raises:
+        FloatingPointError: on a ``"nan"`` stop when ``raise_on_nan``.
+    """
+    history = History()
+    status: str | None = None
+    message = start(state) or ""
+    if message:
+        status = "nan"
+    bar = None
+    if progress and _dist.is_main_process():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, initial=int(state["iter"]), desc=type(solver).__name__)
+    try:
+        while status is None:
+            msg = converged(state)
+            if msg:
+                status, message = "converged", msg
+                break
+            if state.get("status"):
+                status = state["status"]
+                message = state.get("message", status)
+                break
+            if state["iter"] >= max_iter:
+                status, message = "max_iter", f"reached max_iter={max_iter}"
+                break
+            new = solver.step(problem, state)
+            msg = nonfinite(new)
+            if msg:
+                status, message = "nan", msg
+                break
+            msg = blew_up(new)
+            if msg:
+                status, message, state = "diverged", msg, new
+                break
+            state = new
+            history.append(record(state, t0))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(**postfix(state))
+            if callback is not None and callback(state):
+                status, message = "callback", "stopped by the callback"
+    finally:
+        if bar is not None:
+            bar.close()
+    if status == "nan" and raise_on_nan:
+        raise FloatingPointError(message)
+    return state, status, message, history
 
 
 def solve(problem: Problem, solver: Solver, **kwargs: Any) -> Result:
