@@ -295,6 +295,16 @@ def estimate_inner_lipschitz(
     return max(abs(lam), 1e-12), iters
 
 
+def set_inner_lr(problem: BilevelProblem, state: dict[str, Any], inner_lr: float | None) -> None:
+    """``state["inner_lr"]``: ``inner_lr``, or ``1/L`` with ``L`` from :func:`estimate_inner_lipschitz` (counted)."""
+    if inner_lr is None:
+        L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
+        _count(state, hvps=n)
+        state["inner_lr"] = 1.0 / L
+    else:
+        state["inner_lr"] = float(inner_lr)
+
+
 def outer_update(
     x: Tensor,
     hg: Tensor,

@@ -36,16 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import BilevelSolver, _check_positive, _count, base_state, options
+from ._base import BilevelSolver, _check_positive, base_state, options
 from ._common import (
     check_solve,
-    estimate_inner_lipschitz,
     implicit_hypergradient,
     inner_gd,
     inner_newton,
     inner_with_solver,
     lbfgs_direction,
     outer_update,
+    set_inner_lr,
 )
 from ._problem import BilevelProblem
 
@@ -228,12 +228,7 @@ class AID(BilevelSolver):
         self._check(problem)
         state = base_state(problem, w=None, hg=None, adam_m=None, adam_v=None, adam_t=0, lbfgs_s=[], lbfgs_y=[])
         if self.inner_method(problem) == "gd":
-            if self.inner_lr is None:
-                L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
-                _count(state, hvps=n)
-                state["inner_lr"] = 1.0 / L
-            else:
-                state["inner_lr"] = float(self.inner_lr)
+            set_inner_lr(problem, state, self.inner_lr)
         else:
             state["inner_lr"] = float("nan")
         opt, ls = self.outer_method(problem)

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._common import check_solve, estimate_inner_lipschitz, implicit_hypergradient, inner_gd, outer_update
+from ._base import BilevelSolver, _check_positive, base_state, options
+from ._common import check_solve, implicit_hypergradient, inner_gd, outer_update, set_inner_lr
 from ._problem import BilevelProblem
 
 __all__ = ["IFT"]
@@ -82,12 +82,7 @@ class IFT(BilevelSolver):
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         state = base_state(problem, adam_m=None, adam_v=None, adam_t=0)
-        if self.inner_lr is None:
-            L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
-            _count(state, hvps=n)
-            state["inner_lr"] = 1.0 / L
-        else:
-            state["inner_lr"] = float(self.inner_lr)
+        set_inner_lr(problem, state, self.inner_lr)
         state["outer_value"] = problem.f(state["x"], state["y"], problem.draw_outer(0))
         return state
 

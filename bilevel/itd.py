@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._common import estimate_inner_lipschitz, outer_update
+from ._common import outer_update, set_inner_lr
 from ._problem import BilevelProblem
 
 __all__ = ["ITD", "itd_hypergradient"]
@@ -92,12 +92,7 @@ class ITD(BilevelSolver):
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         state = base_state(problem, adam_m=None, adam_v=None, adam_t=0)
-        if self.inner_lr is None:
-            L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
-            _count(state, hvps=n)
-            state["inner_lr"] = 1.0 / L
-        else:
-            state["inner_lr"] = float(self.inner_lr)
+        set_inner_lr(problem, state, self.inner_lr)
         state["outer_value"] = problem.f(state["x"], state["y"], problem.draw_outer(0))
         return state
 
