@@ -263,9 +263,7 @@ class MatvecOperator(LinearOperator):
             raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
         if isinstance(shape, numbers.Integral):
             shape = (int(shape), int(shape))
-        super().__init__(
-            shape, dtype or torch.get_default_dtype(), device or "cpu", symmetric=symmetric, psd=psd
-        )
+        super().__init__(shape, dtype or torch.get_default_dtype(), device or "cpu", symmetric=symmetric, psd=psd)
         self._mv, self._rmv, self._mm = matvec, rmatvec, matmat
 
     def _matvec(self, v: Tensor) -> Tensor:
@@ -292,9 +290,7 @@ class DenseOperator(LinearOperator):
         if not isinstance(A, Tensor) or A.ndim != 2:
             raise ValueError(f"A must be a 2-D tensor, got {getattr(A, 'shape', type(A).__name__)}")
         if symmetric is None:
-            symmetric = A.shape[0] == A.shape[1] and bool(
-                torch.allclose(A, A.T, rtol=1e-12 if A.dtype == torch.float64 else 1e-6, atol=0)
-            )
+            symmetric = A.shape[0] == A.shape[1] and _numerically_symmetric(A)
         super().__init__(tuple(A.shape), A.dtype, A.device, symmetric=symmetric, psd=psd)
         self.A = A
 
@@ -314,12 +310,23 @@ class DenseOperator(LinearOperator):
         return self.A
 
 
+def _numerically_symmetric(A: Tensor) -> bool:
+    """``A == Aᵀ`` up to the rounding of forming it: ``max|A - Aᵀ| <= 10 n eps max|A|``.
+
+    A purely elementwise relative test rejects matrices such as ``Q @ diag(d) @ Q.T``,
+    whose near-zero entries carry rounding errors of the size of the whole matrix.
+    """
+    if not A.is_floating_point():
+        return bool(torch.equal(A, A.T))
+    eps = torch.finfo(A.dtype).eps
+    scale = float(A.abs().max()) if A.numel() else 0.0
+    return bool((A - A.T).abs().max() <= 10 * A.shape[0] * eps * scale) if A.numel() else True
+
+
 class IdentityOperator(LinearOperator):
     """``scale · I`` of size ``n``."""
 
-    def __init__(
-        self, n: int, dtype: torch.dtype, device: torch.device | str, scale: float | Tensor = 1.0
-    ) -> None:
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str, scale: float | Tensor = 1.0) -> None:
         super().__init__((n, n), dtype, device, symmetric=True, psd=bool(float(scale) >= 0))
         self.scale = scale
 

@@ -60,9 +60,7 @@ class HessianOperator(CurvatureBase, LinearOperator):
         p = self.spec.unflatten(x)
         out = self.f(p, *self.args) if batch is None else self.f(p, batch, *self.args)
         if not isinstance(out, Tensor) or out.numel() != 1:
-            raise ValueError(
-                f"f must return a scalar tensor, got {getattr(out, 'shape', type(out).__name__)}"
-            )
+            raise ValueError(f"f must return a scalar tensor, got {getattr(out, 'shape', type(out).__name__)}")
         return out.reshape(())
 
     def _build(self, x: Tensor, batch: Batch, weight: float) -> dict[str, Any]:
@@ -112,6 +110,7 @@ class HessianOperator(CurvatureBase, LinearOperator):
     def _forward_fn(self, v: Tensor) -> Tensor:
         out = None
         for batch, w in self.data.weighted_batches():
+
             def grad_fn(x: Tensor, batch: Batch = batch, w: float = w) -> Tensor:
                 return torch.func.grad(lambda z: self._f(z, batch) * w)(x)
 

@@ -110,7 +110,7 @@ def _param_offsets(spec: ParamSpec) -> list[int]:
 
 def _names_to_params(spec: ParamSpec, names: Sequence[str]) -> list[int]:
     """Positions in ``spec`` of the parameters named exactly, or under a module (``"fc1"`` for ``"fc1.weight"``)."""
-    keys = [str(k) for k in spec.keys]
+    keys = ["param" if k is None else str(k) for k in spec.keys]  # a lone tensor is "param", as in blocks()
     chosen: list[int] = []
     for name in names:
         if not isinstance(name, str) or not name:

@@ -24,8 +24,10 @@ uses, with none of its bulge-chasing. Every new vector is reorthogonalised
 against the whole basis by classical Gram–Schmidt applied twice (CGS2), so no
 spurious copies of converged Ritz values appear (Golub & Van Loan, *Matrix
 Computations*, 4th ed., §10.3.1). A breakdown (an invariant Krylov subspace)
-continues with a fresh random vector orthogonal to the basis, so repeated
-eigenvalues are found with their multiplicity.
+continues with a fresh random vector orthogonal to the basis. Further copies of a
+repeated eigenvalue enter a single-vector Krylov space only through rounding, so
+they are usually, but not always, found before the wanted pairs converge (as with
+ARPACK); check ``k`` against an expected multiplicity with a smaller ``tol``.
 
 Everything runs in torch in the operator's dtype on its device; the host
 synchronises once per step (the breakdown test) and once per restart (the
@@ -171,8 +173,8 @@ def eigsh(
     narrower than that — e.g. the smallest eigenvalues of a cross-entropy GGN or
     Hessian, an exact null space (softmax shift invariance) next to eigenvalues of
     :math:`10^{-7}\|A\|` — converge very slowly; ``converged=False`` then says so
-    after ``maxiter`` restarts. Repeated eigenvalues at a well-separated end are
-    found with their multiplicity.
+    after ``maxiter`` restarts. Further copies of a repeated eigenvalue appear only
+    through rounding and may be missed when the run converges early (as in ARPACK).
 
     Args:
         op: a symmetric ``(n, n)`` :class:`~curvlab.linops.LinearOperator` or a dense
