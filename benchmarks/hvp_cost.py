@@ -73,22 +73,29 @@ def main() -> None:
 
     H = cl.linops.hessian(f, net, data=(X, y))
     rows.append(("curvlab hessian, repeated (reverse, cached graph)", timeit(lambda: H @ v, args.repeats, sync)))
-    rows.append(("curvlab hessian, fresh point (graph + 1 product)",
-                 timeit(lambda: cl.linops.hessian(f, net, data=(X, y)) @ v, args.repeats, sync)))
+    rows.append(
+        (
+            "curvlab hessian, fresh point (graph + 1 product)",
+            timeit(lambda: cl.linops.hessian(f, net, data=(X, y)) @ v, args.repeats, sync),
+        )
+    )
     Hf = cl.linops.hessian(f, net, data=(X, y), mode="forward")
     rows.append(("curvlab hessian, forward-over-reverse (torch.func)", timeit(lambda: Hf @ v, args.repeats, sync)))
     Hn = cl.linops.hessian(f, net, data=(X, y), cache=False)
     rows.append(("curvlab hessian, no cache (fresh double backward)", timeit(lambda: Hn @ v, args.repeats, sync)))
     G = cl.linops.ggn(net, loss_fn, None, (X, y))
     rows.append(("curvlab GGN, repeated", timeit(lambda: G @ v, args.repeats, sync)))
-    rows.append(("curvlab GGN, fresh point", timeit(lambda: cl.linops.ggn(net, loss_fn, None, (X, y)) @ v,
-                                                    args.repeats, sync)))
+    rows.append(
+        ("curvlab GGN, fresh point", timeit(lambda: cl.linops.ggn(net, loss_fn, None, (X, y)) @ v, args.repeats, sync))
+    )
     F = cl.linops.fisher(net, loss_fn, None, (X, y))
     rows.append(("curvlab empirical Fisher, repeated", timeit(lambda: F @ v, args.repeats, sync)))
-    rows.append(("curvlab hessian matmat 16 vectors (per vector)",
-                 timeit(lambda: H @ V, max(3, args.repeats // 4), sync) / 16))
-    rows.append(("curvlab GGN matmat 16 vectors (per vector)",
-                 timeit(lambda: G @ V, max(3, args.repeats // 4), sync) / 16))
+    rows.append(
+        ("curvlab hessian matmat 16 vectors (per vector)", timeit(lambda: H @ V, max(3, args.repeats // 4), sync) / 16)
+    )
+    rows.append(
+        ("curvlab GGN matmat 16 vectors (per vector)", timeit(lambda: G @ V, max(3, args.repeats // 4), sync) / 16)
+    )
 
     try:
         from curvlinops import GGNLinearOperator, HessianLinearOperator
@@ -100,8 +107,12 @@ def main() -> None:
         rows.append(("curvlinops HessianLinearOperator", timeit(lambda: ch @ vs, args.repeats, sync)))
         rows.append(("curvlinops GGNLinearOperator", timeit(lambda: cgn @ vs, args.repeats, sync)))
         Vs = [t.reshape(*p.shape, 16) for t, p in zip(torch.split(V, [p.numel() for p in params]), params)]
-        rows.append(("curvlinops Hessian matmat 16 vectors (per vector)",
-                     timeit(lambda: ch @ Vs, max(3, args.repeats // 4), sync) / 16))
+        rows.append(
+            (
+                "curvlinops Hessian matmat 16 vectors (per vector)",
+                timeit(lambda: ch @ Vs, max(3, args.repeats // 4), sync) / 16,
+            )
+        )
         # agreement check
         ref = torch.cat([t.reshape(-1) for t in ch @ vs])
         err = float((H @ v - ref).norm() / ref.norm())

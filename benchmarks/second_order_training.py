@@ -60,8 +60,15 @@ Curve = list[dict[str, float]]
 
 
 # --------------------------------------------------------------------------- generic loops
-def run_solver(problem: Any, solver: Any, seconds: float, every: int, per_epoch: float,
-               record: Callable[[float, float, Tensor], dict[str, float]], x0: Tensor) -> Curve:
+def run_solver(
+    problem: Any,
+    solver: Any,
+    seconds: float,
+    every: int,
+    per_epoch: float,
+    record: Callable[[float, float, Tensor], dict[str, float]],
+    x0: Tensor,
+) -> Curve:
     """``solver.solve`` with a callback that records every ``every`` iterations (clock paused)."""
     curve = [record(0.0, 0.0, x0)]
     clock = reg.Clock()
@@ -80,9 +87,15 @@ def run_solver(problem: Any, solver: Any, seconds: float, every: int, per_epoch:
     return curve
 
 
-def run_torch(model: nn.Module, make_opt: Callable[[Any], torch.optim.Optimizer], batches: Any, seconds: float,
-              every: int, loss: Callable[[Tensor, Tensor], Tensor],
-              record: Callable[[float, float, Tensor], dict[str, float]]) -> Curve:
+def run_torch(
+    model: nn.Module,
+    make_opt: Callable[[Any], torch.optim.Optimizer],
+    batches: Any,
+    seconds: float,
+    every: int,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    record: Callable[[float, float, Tensor], dict[str, float]],
+) -> Curve:
     """A plain ``torch.optim`` mini-batch loop."""
     flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # noqa: E731
     opt = make_opt(model.parameters())
@@ -102,11 +115,24 @@ def run_torch(model: nn.Module, make_opt: Callable[[Any], torch.optim.Optimizer]
                 clock.resume()
 
 
-def run_lbfgs(model: nn.Module, x: Tensor, y: Tensor, seconds: float, loss: Callable[[Tensor, Tensor], Tensor],
-              record: Callable[[float, float, Tensor], dict[str, float]]) -> Curve:
+def run_lbfgs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    seconds: float,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    record: Callable[[float, float, Tensor], dict[str, float]],
+) -> Curve:
     """Full-batch ``torch.optim.LBFGS`` (strong Wolfe); one epoch = one loss evaluation."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, history_size=50, line_search_fn="strong_wolfe",
-                            tolerance_grad=0.0, tolerance_change=0.0)
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=20,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+    )
     evals = [0]
     flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # noqa: E731
 
@@ -209,8 +235,12 @@ def regression_runs(data: dict[str, Tensor], seconds: float, seed: int) -> dict[
 
 
 REG_GRID: dict[str, list[Any]] = {
-    "Sven": [0.1, 0.3], "EGN": [0.01, 0.1, 1.0], "GaussNewton": [None], "Adam": [1e-3, 3e-3, 1e-2],
-    "SGD": [0.01, 0.03, 0.1], "L-BFGS": [None],
+    "Sven": [0.1, 0.3],
+    "EGN": [0.01, 0.1, 1.0],
+    "GaussNewton": [None],
+    "Adam": [1e-3, 3e-3, 1e-2],
+    "SGD": [0.01, 0.03, 0.1],
+    "L-BFGS": [None],
 }
 
 
@@ -226,9 +256,15 @@ def digits_runs(data: dict[str, Tensor], seconds: float, seed: int) -> dict[str,
             with torch.no_grad():
                 f = lambda z: torch.func.functional_call(model, spec.unflatten(x), (z,))  # noqa: E731
                 ov, ot, otr = f(data["xv"]), f(data["xt"]), f(data["x"])
-            return {"time": t, "epoch": ep, "train_loss": float(loss(otr, data["y"]).mean()),
-                    "val_loss": float(loss(ov, data["yv"]).mean()), "val_acc": dig.accuracy(ov, data["yv"]),
-                    "test_loss": float(loss(ot, data["yt"]).mean()), "test_acc": dig.accuracy(ot, data["yt"])}
+            return {
+                "time": t,
+                "epoch": ep,
+                "train_loss": float(loss(otr, data["y"]).mean()),
+                "val_loss": float(loss(ov, data["yv"]).mean()),
+                "val_acc": dig.accuracy(ov, data["yv"]),
+                "test_loss": float(loss(ot, data["yt"]).mean()),
+                "test_acc": dig.accuracy(ot, data["yt"]),
+            }
 
         return record
 
@@ -257,7 +293,10 @@ def digits_runs(data: dict[str, Tensor], seconds: float, seed: int) -> dict[str,
 
 
 DIG_GRID: dict[str, list[Any]] = {
-    "EGN": [0.1, 1.0], "Sven": [0.03, 0.1, 0.3], "Adam": [1e-3, 3e-3, 1e-2], "SGD": [0.01, 0.03, 0.1],
+    "EGN": [0.1, 1.0],
+    "Sven": [0.03, 0.1, 0.3],
+    "Adam": [1e-3, 3e-3, 1e-2],
+    "SGD": [0.01, 0.03, 0.1],
     "L-BFGS": [None],
 }
 SETTING = {"Sven": "lr", "EGN": "λ₀", "Adam": "lr", "SGD": "lr"}
@@ -290,8 +329,14 @@ def score(curve: Curve, key: str, larger: bool) -> float:
     return v if larger else -v
 
 
-def tune(runs: dict[str, Callable[..., Curve]], grid: dict[str, list[Any]], key: str, larger: bool,
-         log: list[str], every: dict[tuple[str, Any], Curve] | None = None) -> dict[str, tuple[Any, Curve]]:
+def tune(
+    runs: dict[str, Callable[..., Curve]],
+    grid: dict[str, list[Any]],
+    key: str,
+    larger: bool,
+    log: list[str],
+    every: dict[tuple[str, Any], Curve] | None = None,
+) -> dict[str, tuple[Any, Curve]]:
     """Every setting of every method (seed 0); the best setting by the tail median of ``key`` and its curve.
 
     ``every``, when given, receives the curve of every ``(method, setting)``.
@@ -305,8 +350,10 @@ def tune(runs: dict[str, Callable[..., Curve]], grid: dict[str, list[Any]], key:
             if every is not None:
                 every[(name, s)] = c
             if len(settings) > 1:
-                log.append(f"  {name:12s} {SETTING.get(name, '-')}={s!s:8s} {key}: final {final(c, key):.4g}, "
-                           f"median of the last quarter {tail(c, key):.4g}")
+                log.append(
+                    f"  {name:12s} {SETTING.get(name, '-')}={s!s:8s} {key}: final {final(c, key):.4g}, "
+                    f"median of the last quarter {tail(c, key):.4g}"
+                )
                 print(log[-1], flush=True)
         _, s, c = max(scored, key=lambda p: p[0])
         best[name] = (s, c)
@@ -404,26 +451,51 @@ def main() -> None:
         f"{at(sven, mid, 'val_loss'):.2e}, tuned Adam {at(adam_best, mid, 'val_loss'):.2e}). "
         "Lowest losses in this budget: "
         + ", ".join(f"{k} {tail(c, 'val_loss'):.1e}" for k, c in sorted(curves.items(), key=_by_tail)[:3])
-        + f". L-BFGS last improved its validation loss at {_last_improvement(best['L-BFGS'][1]):.1f} s.")
-    plot(curves, [("val_loss", "validation MSE", True)], os.path.join(HERE, "second_order_training_regression.png"),
-         f"1-D regression (Sven paper), {args.reg_seconds:g} s per method")
+        + f". L-BFGS last improved its validation loss at {_last_improvement(best['L-BFGS'][1]):.1f} s."
+    )
+    plot(
+        curves,
+        [("val_loss", "validation MSE", True)],
+        os.path.join(HERE, "second_order_training_regression.png"),
+        f"1-D regression (Sven paper), {args.reg_seconds:g} s per method",
+    )
     ts = [args.reg_seconds * f for f in (0.05, 0.1, 0.25, 0.5, 1.0)]
-    out += [SECTION, "",
-            "Command: `python benchmarks/second_order_training.py --write` "
-            f"(`--reg-seconds {args.reg_seconds:g} --digits-seconds {args.digits_seconds:g} --seeds {args.seeds}`). "
-            f"Machine: 2-core CPU shared with other jobs, no GPU; torch {torch.__version__}, "
-            f"{args.threads} torch thread, Python {platform.python_version()}. Same training wall-time budget for "
-            "every method, evaluation excluded; settings picked on the validation metric (median over the last "
-            "quarter of the budget, robust to the spikes of noisy runs) from the grids below (seed 0).", "",
-            f"### 1-D regression (Sven paper): validation MSE against training time ({args.reg_seconds:g} s each)", "",
-            "| method | " + " | ".join(f"{t:g} s" for t in ts) + " | median, last quarter | best | epochs |",
-            "|---" * (len(ts) + 4) + "|"]
+    out += [
+        SECTION,
+        "",
+        "Command: `python benchmarks/second_order_training.py --write` "
+        f"(`--reg-seconds {args.reg_seconds:g} --digits-seconds {args.digits_seconds:g} --seeds {args.seeds}`). "
+        f"Machine: 2-core CPU shared with other jobs, no GPU; torch {torch.__version__}, "
+        f"{args.threads} torch thread, Python {platform.python_version()}. Same training wall-time budget for "
+        "every method, evaluation excluded; settings picked on the validation metric (median over the last "
+        "quarter of the budget, robust to the spikes of noisy runs) from the grids below (seed 0).",
+        "",
+        f"### 1-D regression (Sven paper): validation MSE against training time ({args.reg_seconds:g} s each)",
+        "",
+        "| method | " + " | ".join(f"{t:g} s" for t in ts) + " | median, last quarter | best | epochs |",
+        "|---" * (len(ts) + 4) + "|",
+    ]
     for name, c in curves.items():
-        out.append(f"| {name} | " + " | ".join(f"{at(c, t, 'val_loss'):.2e}" for t in ts)
-                   + f" | {tail(c, 'val_loss'):.2e} | {min(p['val_loss'] for p in c):.2e} | {c[-1]['epoch']:.0f}"
-                   + (f" ({c[-1]['status']})" if "status" in c[-1] else "") + " |")
-    out += ["", verdict_reg, "", "Tuning runs (final validation MSE):", "", "```", *log, "```", "",
-            "Curves (against time and epochs): `benchmarks/second_order_training_regression.png`.", ""]
+        out.append(
+            f"| {name} | "
+            + " | ".join(f"{at(c, t, 'val_loss'):.2e}" for t in ts)
+            + f" | {tail(c, 'val_loss'):.2e} | {min(p['val_loss'] for p in c):.2e} | {c[-1]['epoch']:.0f}"
+            + (f" ({c[-1]['status']})" if "status" in c[-1] else "")
+            + " |"
+        )
+    out += [
+        "",
+        verdict_reg,
+        "",
+        "Tuning runs (final validation MSE):",
+        "",
+        "```",
+        *log,
+        "```",
+        "",
+        "Curves (against time and epochs): `benchmarks/second_order_training_regression.png`.",
+        "",
+    ]
 
     # ---------------- digits
     ddata = dig.make_data()
@@ -437,23 +509,31 @@ def main() -> None:
         runs = digits_runs(ddata, args.digits_seconds, seed)
         for name, (s, _) in best.items():
             finals[label(name, s)].append(runs[name](s))
-    plot({k: v[0] for k, v in finals.items()},
-         [("test_acc", "test accuracy", False), ("train_loss", "training cross-entropy", True)],
-         os.path.join(HERE, "second_order_training_digits.png"), f"digits MLP, {args.digits_seconds:g} s per method")
+    plot(
+        {k: v[0] for k, v in finals.items()},
+        [("test_acc", "test accuracy", False), ("train_loss", "training cross-entropy", True)],
+        os.path.join(HERE, "second_order_training_digits.png"),
+        f"digits MLP, {args.digits_seconds:g} s per method",
+    )
     ts = [args.digits_seconds * f for f in (0.1, 0.25, 0.5, 1.0)]
-    out += [f"### Digits MLP 64-32-10: test accuracy against training time ({args.digits_seconds:g} s each, "
-            f"mean over {args.seeds} seeds)", "",
-            "| method | " + " | ".join(f"{t:g} s" for t in ts) + " | final test acc (min-max) | test acc, median "
-            "last quarter | final test loss | final train loss | epochs |", "|---" * (len(ts) + 6) + "|"]
+    out += [
+        f"### Digits MLP 64-32-10: test accuracy against training time ({args.digits_seconds:g} s each, "
+        f"mean over {args.seeds} seeds)",
+        "",
+        "| method | " + " | ".join(f"{t:g} s" for t in ts) + " | final test acc (min-max) | test acc, median "
+        "last quarter | final test loss | final train loss | epochs |",
+        "|---" * (len(ts) + 6) + "|",
+    ]
     for name, cs in finals.items():
         accs = [final(c, "test_acc") for c in cs]
         row = [f"{statistics.mean(at(c, t, 'test_acc') for c in cs):.4f}" for t in ts]
-        out.append(f"| {name} | " + " | ".join(row)
-                   + f" | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f})"
-                   f" | {statistics.mean(tail(c, 'test_acc') for c in cs):.4f}"
-                   f" | {statistics.mean(final(c, 'test_loss') for c in cs):.3f}"
-                   f" | {statistics.mean(final(c, 'train_loss') for c in cs):.2e}"
-                   f" | {statistics.mean(c[-1]['epoch'] for c in cs):.0f} |")
+        out.append(
+            f"| {name} | " + " | ".join(row) + f" | {statistics.mean(accs):.4f} ({min(accs):.4f}-{max(accs):.4f})"
+            f" | {statistics.mean(tail(c, 'test_acc') for c in cs):.4f}"
+            f" | {statistics.mean(final(c, 'test_loss') for c in cs):.3f}"
+            f" | {statistics.mean(final(c, 'train_loss') for c in cs):.2e}"
+            f" | {statistics.mean(c[-1]['epoch'] for c in cs):.0f} |"
+        )
     mean_acc = {name: statistics.mean(final(c, "test_acc") for c in cs) for name, cs in finals.items()}
     egn_name = next(k for k in finals if k.startswith("EGN"))
     rivals = {k: v for k, v in mean_acc.items() if k.startswith(("Adam", "SGD"))}
@@ -466,10 +546,23 @@ def main() -> None:
         + ", ".join(f"({k} {v:.4f})" for k, v in rivals.items() if k != top)
         + f": {gap * 100:+.2f} percentage points ({gap * n_test:+.1f} of the {n_test} test images on average) — "
         + ("met" if gap >= 0 else "matched within one test image" if gap >= -1 / n_test else "**not met**")
-        + ". Differences of a few images are within the seed-to-seed range shown in the table.")
-    out += ["", verdict_dig, "", "Tuning runs (seed 0, final validation accuracy):", "", "```", *log, "```", "",
-            "Curves (seed 0; against time and epochs): `benchmarks/second_order_training_digits.png`.", "",
-            f"Total benchmark time {time.time() - t_start:.0f} s.", ""]
+        + ". Differences of a few images are within the seed-to-seed range shown in the table."
+    )
+    out += [
+        "",
+        verdict_dig,
+        "",
+        "Tuning runs (seed 0, final validation accuracy):",
+        "",
+        "```",
+        *log,
+        "```",
+        "",
+        "Curves (seed 0; against time and epochs): `benchmarks/second_order_training_digits.png`.",
+        "",
+        f"Total benchmark time {time.time() - t_start:.0f} s.",
+        "",
+    ]
     text = "\n".join(out)
     print(text)
     if args.write:

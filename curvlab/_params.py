@@ -64,8 +64,7 @@ class ParamSpec:
             tensors = list(params)
         else:
             raise TypeError(
-                f"{name} must be a tensor, a tuple/list/dict of tensors or an nn.Module, "
-                f"got {type(params).__name__}"
+                f"{name} must be a tensor, a tuple/list/dict of tensors or an nn.Module, got {type(params).__name__}"
             )
         if not tensors:
             raise ValueError(f"{name} holds no tensor (an empty structure or a module without trainable parameters)")

@@ -94,6 +94,5 @@ class Result:
 
     def __repr__(self) -> str:
         return (
-            f"Result(status={self.status!r}, value={self.value:.6g}, n_iter={self.n_iter}, "
-            f"converged={self.converged})"
+            f"Result(status={self.status!r}, value={self.value:.6g}, n_iter={self.n_iter}, converged={self.converged})"
         )

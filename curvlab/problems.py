@@ -91,9 +91,7 @@ class Problem:
     # --------------------------------------------------------------- values
     def _scalar(self, v: Any) -> Tensor:
         if not isinstance(v, Tensor) or v.numel() != 1:
-            raise ValueError(
-                f"the objective must return a scalar tensor, got {getattr(v, 'shape', type(v).__name__)}"
-            )
+            raise ValueError(f"the objective must return a scalar tensor, got {getattr(v, 'shape', type(v).__name__)}")
         return v.reshape(())
 
     @property

@@ -73,10 +73,23 @@ class EGN(ClosureOptimizer):
         chunk_size: int | None = None,
         distributed: bool | None = None,
     ) -> None:
-        opts = dict(lr=lr, damping=damping, line_search=line_search, c=c, shrink=shrink, grow=grow,
-                    max_backtracks=max_backtracks, adaptive_damping=adaptive_damping, rho_low=rho_low,
-                    rho_high=rho_high, damping_increase=damping_increase, damping_decrease=damping_decrease,
-                    min_damping=min_damping, momentum=momentum, chunk_size=chunk_size)
+        opts = dict(
+            lr=lr,
+            damping=damping,
+            line_search=line_search,
+            c=c,
+            shrink=shrink,
+            grow=grow,
+            max_backtracks=max_backtracks,
+            adaptive_damping=adaptive_damping,
+            rho_low=rho_low,
+            rho_high=rho_high,
+            damping_increase=damping_increase,
+            damping_decrease=damping_decrease,
+            min_damping=min_damping,
+            momentum=momentum,
+            chunk_size=chunk_size,
+        )
         _egn.EGN(**opts)  # validates
         super().__init__(params, opts, distributed)
 

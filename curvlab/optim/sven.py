@@ -71,10 +71,25 @@ class Sven(ClosureOptimizer):
         chunk_size: int | None = None,
         distributed: bool | None = None,
     ) -> None:
-        opts = dict(lr=lr, k=k, rtol=rtol, atol=atol, kappa=kappa, svd=svd, n_oversample=n_oversample,
-                    n_power=n_power, param_fraction=param_fraction, param_blocks=param_blocks,
-                    microbatch=microbatch, rmsprop=rmsprop, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps,
-                    rmsprop_momentum=rmsprop_momentum, seed=seed, chunk_size=chunk_size)
+        opts = dict(
+            lr=lr,
+            k=k,
+            rtol=rtol,
+            atol=atol,
+            kappa=kappa,
+            svd=svd,
+            n_oversample=n_oversample,
+            n_power=n_power,
+            param_fraction=param_fraction,
+            param_blocks=param_blocks,
+            microbatch=microbatch,
+            rmsprop=rmsprop,
+            rmsprop_alpha=rmsprop_alpha,
+            rmsprop_eps=rmsprop_eps,
+            rmsprop_momentum=rmsprop_momentum,
+            seed=seed,
+            chunk_size=chunk_size,
+        )
         _sven.Sven(**opts)  # validates
         super().__init__(params, opts, distributed)
 

@@ -17,5 +17,19 @@ from .saddle_free_newton import SaddleFreeNewton
 from .scaled_gd import ScaledGD
 from .sven import Sven
 
-__all__ = ["Solver", "options", "solve", "armijo", "LineSearchResult", "GradientDescent", "Adam", "NewtonCG",
-           "GaussNewton", "EGN", "Sven", "ScaledGD", "SaddleFreeNewton", "MFAC"]
+__all__ = [
+    "Solver",
+    "options",
+    "solve",
+    "armijo",
+    "LineSearchResult",
+    "GradientDescent",
+    "Adam",
+    "NewtonCG",
+    "GaussNewton",
+    "EGN",
+    "Sven",
+    "ScaledGD",
+    "SaddleFreeNewton",
+    "MFAC",
+]

@@ -118,8 +118,9 @@ def rows_jacobian(out: Tensor, inputs: Tensor | Sequence[Tensor], chunk_size: in
         try:  # the graph is kept (for the next chunk, or the fallback); it is freed with ``out``
             gs = torch.autograd.grad(flat, needed, E, retain_graph=True, allow_unused=True, is_grads_batched=True)
         except RuntimeError:  # an op without a batching rule: one row at a time
-            rows = [torch.autograd.grad(flat, needed, E[i], retain_graph=True, allow_unused=True)
-                    for i in range(len(E))]
+            rows = [
+                torch.autograd.grad(flat, needed, E[i], retain_graph=True, allow_unused=True) for i in range(len(E))
+            ]
             gs = tuple(None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(needed)))
         grads = dict(zip(map(id, needed), gs))
         cols = 0

@@ -264,8 +264,9 @@ class EGN(Solver):
 
     # ------------------------------------------------------------------ solver
     def init(self, problem: Problem) -> dict[str, Any]:
-        return fresh_state(problem, damping=float(self.damping), alpha=float(self.lr), buf=None,
-                           log={"damping": float(self.damping)})
+        return fresh_state(
+            problem, damping=float(self.damping), alpha=float(self.lr), buf=None, log={"damping": float(self.damping)}
+        )
 
     def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
         x = state["x"]
@@ -277,9 +278,23 @@ class EGN(Solver):
         )
         matvecs = state["matvecs"] + lin.J.shape[0]
         if status is not None:
-            return {**state, **vars_, "matvecs": matvecs, "log": log, "status": status,
-                    "message": "Armijo line search found no decrease along the EGN direction"}
+            return {
+                **state,
+                **vars_,
+                "matvecs": matvecs,
+                "log": log,
+                "status": status,
+                "message": "Armijo line search found no decrease along the EGN direction",
+            }
         nb, draws = next_batch(problem, state["draws"])
         new = point(problem, x_new, nb)
-        return {**state, **new, **vars_, "iter": state["iter"] + 1, "step_size": float(log["alpha"]),
-                "draws": draws, "matvecs": matvecs, "log": log}
+        return {
+            **state,
+            **new,
+            **vars_,
+            "iter": state["iter"] + 1,
+            "step_size": float(log["alpha"]),
+            "draws": draws,
+            "matvecs": matvecs,
+            "log": log,
+        }

@@ -250,8 +250,20 @@ class GaussNewton(Solver):
         method = self._method(problem, m)
         n = problem.n_rows(ALL)
         state = self._at(problem, x, method, n, None)
-        state.update(iter=0, matvecs=0, step_size=0.0, draws=0, status=None, log={}, method=method, n_rows=n,
-                     delta=None, par=0.0 if method != "cg" else float(self.damping), accepted=0, nonfinite=0)
+        state.update(
+            iter=0,
+            matvecs=0,
+            step_size=0.0,
+            draws=0,
+            status=None,
+            log={},
+            method=method,
+            n_rows=n,
+            delta=None,
+            par=0.0 if method != "cg" else float(self.damping),
+            accepted=0,
+            nonfinite=0,
+        )
         return state
 
     def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
@@ -340,8 +352,16 @@ class GaussNewton(Solver):
             par = 0.5 * par
 
         log = {"damping": par, "ratio": ratio, "radius": float(delta) if delta is not None else float("nan")}
-        new = {**state, "par": par, "delta": delta, "diag": diag, "matvecs": matvecs,
-               "iter": state["iter"] + 1, "log": log, "nonfinite": 0 if finite_trial else state["nonfinite"] + 1}
+        new = {
+            **state,
+            "par": par,
+            "delta": delta,
+            "diag": diag,
+            "matvecs": matvecs,
+            "iter": state["iter"] + 1,
+            "log": log,
+            "nonfinite": 0 if finite_trial else state["nonfinite"] + 1,
+        }
         accepted = ratio >= 1e-4
         if accepted:
             new.update(trial if trial is not None else self._at(problem, x_new, method, state["n_rows"], diag))
@@ -356,8 +376,11 @@ class GaussNewton(Solver):
         if not finite_trial:
             small = delta is not None and delta <= xtol * xnorm if method != "cg" else par > 1e30
             if small or new["nonfinite"] >= 60:
-                new.update(status="nan", message="the residuals are not finite at any trial point near x; "
-                                                 "returning the last finite parameters")
+                new.update(
+                    status="nan",
+                    message="the residuals are not finite at any trial point near x; "
+                    "returning the last finite parameters",
+                )
             return new
         if ftol > 0 and abs(actred) <= ftol and prered <= ftol and 0.5 * ratio <= 1:
             new.update(status="converged", message=f"relative reduction of the sum of squares <= ftol={ftol:.3g}")

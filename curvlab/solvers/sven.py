@@ -373,14 +373,26 @@ class Sven(Solver):
         R, M = self.system(problem, x, batch, index)
         matvecs = state["matvecs"] + M.shape[0]
         if not (bool(torch.isfinite(R).all()) and bool(torch.isfinite(M).all())):
-            return {**state, "matvecs": matvecs, "status": "nan",
-                    "message": f"non-finite residuals or Jacobian at iteration {int(state['iter'])}; "
-                               "returning the last finite parameters"}
+            return {
+                **state,
+                "matvecs": matvecs,
+                "status": "nan",
+                "message": f"non-finite residuals or Jacobian at iteration {int(state['iter'])}; "
+                "returning the last finite parameters",
+            }
         vars_ = {"v": state["v"], "buf": state["buf"], "size": x.numel()}
         delta, new_vars, log = self.direction(M, R, index, vars_, gen)
         x_new = x - self.lr * delta if index is None else x.index_add(0, index, -self.lr * delta)
         nb, draws = next_batch(problem, state["draws"])
         new = point(problem, x_new, nb)
         log["update_norm"] = float(self.lr * delta.norm()) if math.isfinite(float(delta.norm())) else float("nan")
-        return {**state, **new, **new_vars, "iter": state["iter"] + 1, "step_size": float(self.lr),
-                "draws": draws, "matvecs": matvecs, "log": log}
+        return {
+            **state,
+            **new,
+            **new_vars,
+            "iter": state["iter"] + 1,
+            "step_size": float(self.lr),
+            "draws": draws,
+            "matvecs": matvecs,
+            "log": log,
+        }

@@ -81,8 +81,23 @@ def bard(x: Tensor) -> Tensor:
     return _t(_BARD_Y, x) - (x[0] + u / (v * x[1] + w * x[2]))
 
 
-_GAUSS_Y = [0.0009, 0.0044, 0.0175, 0.0540, 0.1295, 0.2420, 0.3521, 0.3989, 0.3521, 0.2420, 0.1295, 0.0540,
-            0.0175, 0.0044, 0.0009]
+_GAUSS_Y = [
+    0.0009,
+    0.0044,
+    0.0175,
+    0.0540,
+    0.1295,
+    0.2420,
+    0.3521,
+    0.3989,
+    0.3521,
+    0.2420,
+    0.1295,
+    0.0540,
+    0.0175,
+    0.0044,
+    0.0009,
+]
 
 
 def gaussian(x: Tensor) -> Tensor:
@@ -104,13 +119,22 @@ def box3d(x: Tensor) -> Tensor:
 
 
 def powell_singular(x: Tensor) -> Tensor:
-    return torch.stack([x[0] + 10 * x[1], math.sqrt(5) * (x[2] - x[3]), (x[1] - 2 * x[2]) ** 2,
-                        math.sqrt(10) * (x[0] - x[3]) ** 2])
+    return torch.stack(
+        [x[0] + 10 * x[1], math.sqrt(5) * (x[2] - x[3]), (x[1] - 2 * x[2]) ** 2, math.sqrt(10) * (x[0] - x[3]) ** 2]
+    )
 
 
 def wood(x: Tensor) -> Tensor:
-    return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0], math.sqrt(90) * (x[3] - x[2] ** 2), 1 - x[2],
-                        math.sqrt(10) * (x[1] + x[3] - 2), (x[1] - x[3]) / math.sqrt(10)])
+    return torch.stack(
+        [
+            10 * (x[1] - x[0] ** 2),
+            1 - x[0],
+            math.sqrt(90) * (x[3] - x[2] ** 2),
+            1 - x[2],
+            math.sqrt(10) * (x[1] + x[3] - 2),
+            (x[1] - x[3]) / math.sqrt(10),
+        ]
+    )
 
 
 _KO_Y = [0.1957, 0.1947, 0.1735, 0.1600, 0.0844, 0.0627, 0.0456, 0.0342, 0.0323, 0.0235, 0.0246]
@@ -127,9 +151,41 @@ def brown_dennis(x: Tensor) -> Tensor:
     return (x[0] + t * x[1] - torch.exp(t)) ** 2 + (x[2] + x[3] * torch.sin(t) - torch.cos(t)) ** 2
 
 
-_OSB1_Y = [0.844, 0.908, 0.932, 0.936, 0.925, 0.908, 0.881, 0.850, 0.818, 0.784, 0.751, 0.718, 0.685, 0.658,
-           0.628, 0.603, 0.580, 0.558, 0.538, 0.522, 0.506, 0.490, 0.478, 0.467, 0.457, 0.448, 0.438, 0.431,
-           0.424, 0.420, 0.414, 0.411, 0.406]
+_OSB1_Y = [
+    0.844,
+    0.908,
+    0.932,
+    0.936,
+    0.925,
+    0.908,
+    0.881,
+    0.850,
+    0.818,
+    0.784,
+    0.751,
+    0.718,
+    0.685,
+    0.658,
+    0.628,
+    0.603,
+    0.580,
+    0.558,
+    0.538,
+    0.522,
+    0.506,
+    0.490,
+    0.478,
+    0.467,
+    0.457,
+    0.448,
+    0.438,
+    0.431,
+    0.424,
+    0.420,
+    0.414,
+    0.411,
+    0.406,
+]
 
 
 def osborne1(x: Tensor) -> Tensor:
@@ -194,8 +250,9 @@ PROBLEMS: list[MGHProblem] = [
     MGHProblem(18, "biggs_exp6", biggs_exp6, [1.0, 2.0, 1.0, 1.0, 1.0, 1.0], 13),
     MGHProblem(20, "watson6", watson, [0.0] * 6, 31, 2.28767005355e-3),
     MGHProblem(23, "penalty1_4", penalty1, [1.0, 2.0, 3.0, 4.0], 5, 2.24997750529e-5),
-    MGHProblem(25, "variably_dimensioned_8", variably_dimensioned, [1 - j / 8 for j in range(1, 9)], 10, 0.0,
-               [1.0] * 8),
+    MGHProblem(
+        25, "variably_dimensioned_8", variably_dimensioned, [1 - j / 8 for j in range(1, 9)], 10, 0.0, [1.0] * 8
+    ),
     MGHProblem(26, "trigonometric_5", trigonometric, [0.2] * 5, 5, 0.0),
     MGHProblem(32, "linear_full_rank_5_10", linear_full_rank, [1.0] * 5, 10, 5.0, [-1.0] * 5),
 ]

@@ -101,7 +101,8 @@ def test_line_search_armijo_and_reset():
     new = s.step(prob, st)
     t = new["step_size"]
     assert 0 < t < 1.0 and new["value"] <= st["value"] + 0.1 * t * float(
-        st["grad"] @ egn_direction(linearize(prob, st["x"], (X, Y)), 1e-3))
+        st["grad"] @ egn_direction(linearize(prob, st["x"], (X, Y)), 1e-3)
+    )
     k = math.log(t) / math.log(0.8)  # t = 0.8^k: backtracked k times from lr
     assert math.isclose(k, round(k), abs_tol=1e-9) and new["log"]["ls_evals"] == round(k) + 1
     new2 = s.step(prob, new)  # the next search starts from min(1.5 t, lr)

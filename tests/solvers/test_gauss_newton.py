@@ -25,8 +25,9 @@ def _minpack(P: MGHProblem) -> scipy.optimize.OptimizeResult:
     jac = lambda x: torch.func.jacrev(P.f)(torch.tensor(x)).numpy().copy()  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return scipy.optimize.least_squares(f, np.array(P.x0), jac=jac, method="lm", xtol=1e-15, ftol=1e-15,
-                                            gtol=1e-15, max_nfev=20000)
+        return scipy.optimize.least_squares(
+            f, np.array(P.x0), jac=jac, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=20000
+        )
 
 
 def _certified(P: MGHProblem, x: np.ndarray) -> np.ndarray:
@@ -89,8 +90,12 @@ def test_quadratic_convergence_zero_residual():
 
     star = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
     xs = []
-    r = GaussNewton(xtol=1e-16).solve(cl.LeastSquares(res, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
-                                      max_iter=100, tol=0.0, callback=lambda s: xs.append(s["x"].clone()) and False)
+    r = GaussNewton(xtol=1e-16).solve(
+        cl.LeastSquares(res, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
+        max_iter=100,
+        tol=0.0,
+        callback=lambda s: xs.append(s["x"].clone()) and False,
+    )
     assert r.converged
     errs = [float((x - star).norm()) for x in xs]
     tail = [e for e in errs if 1e-14 < e < 1e-1]
@@ -123,8 +128,9 @@ def test_methods_agree_on_curve_fit(method):
 
     w0 = torch.tensor([1.0, 1.0, 1.0, 1.8], dtype=torch.float64)
     r = GaussNewton(method=method, cg_tol=1e-12, xtol=1e-14).solve(cl.LeastSquares(res, w0), max_iter=500, tol=1e-13)
-    ref = scipy.optimize.least_squares(lambda w: res(torch.tensor(w)).numpy(), w0.numpy(), method="lm",
-                                       xtol=1e-15, ftol=1e-15, gtol=1e-15)
+    ref = scipy.optimize.least_squares(
+        lambda w: res(torch.tensor(w)).numpy(), w0.numpy(), method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15
+    )
     np.testing.assert_allclose(r.flat.numpy(), ref.x, rtol=1e-8)
     assert r.history["grad_norm"][-1] <= 1e-9
 
@@ -138,8 +144,9 @@ def test_underdetermined_fewer_residuals_than_parameters(method):
     def res(x):
         return A @ torch.tanh(x) - 0.5 * b
 
-    r = GaussNewton(method=method, cg_tol=1e-12).solve(cl.LeastSquares(res, torch.zeros(40, dtype=torch.float64)),
-                                                       max_iter=200, tol=1e-14)
+    r = GaussNewton(method=method, cg_tol=1e-12).solve(
+        cl.LeastSquares(res, torch.zeros(40, dtype=torch.float64)), max_iter=200, tol=1e-14
+    )
     assert r.converged
     assert float(res(r.flat).norm()) < 1e-12
 
@@ -163,8 +170,11 @@ def test_batches_of_data_equal_one_batch():
 
     w0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     one = GaussNewton().solve(cl.LeastSquares(res, w0, data=(X, Y)), max_iter=100, tol=1e-13)
-    many = GaussNewton().solve(cl.LeastSquares(res, w0, data=[(X[i:i + 10], Y[i:i + 10]) for i in range(0, 40, 10)]),
-                               max_iter=100, tol=1e-13)
+    many = GaussNewton().solve(
+        cl.LeastSquares(res, w0, data=[(X[i : i + 10], Y[i : i + 10]) for i in range(0, 40, 10)]),
+        max_iter=100,
+        tol=1e-13,
+    )
     torch.testing.assert_close(many.flat, one.flat, rtol=1e-12, atol=1e-12)
     assert abs(one.value - many.value) < 1e-14
 
@@ -200,16 +210,16 @@ def test_non_finite_residuals():
         r = torch.stack([x[0] - 0.9, 0.1 * (x[0] - 0.9) ** 2])
         return torch.where(x[0] > 1, torch.full_like(r, float("nan")), r)
 
-    r = GaussNewton(factor=1e4).solve(cl.LeastSquares(wall, torch.tensor([-50.0], dtype=torch.float64)), max_iter=200,
-                                      tol=1e-14)
+    r = GaussNewton(factor=1e4).solve(
+        cl.LeastSquares(wall, torch.tensor([-50.0], dtype=torch.float64)), max_iter=200, tol=1e-14
+    )
     assert r.converged and abs(r.flat.item() - 0.9) < 1e-10
     assert all(math.isfinite(v) for v in r.history["value"])
 
     def everywhere_else(x):  # finite only at the start point: every trial is NaN
         return torch.where((x - 3.0).abs().sum() == 0, x - 1.0, torch.full_like(x, float("nan")))
 
-    r = GaussNewton().solve(cl.LeastSquares(everywhere_else, torch.full((2,), 3.0, dtype=torch.float64)),
-                            max_iter=500)
+    r = GaussNewton().solve(cl.LeastSquares(everywhere_else, torch.full((2,), 3.0, dtype=torch.float64)), max_iter=500)
     assert r.status == "nan" and torch.equal(r.flat, torch.full((2,), 3.0, dtype=torch.float64))
 
 

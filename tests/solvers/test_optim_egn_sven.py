@@ -47,8 +47,14 @@ def test_egn_adapter_matches_solver(opts):
     assert opt.global_state["damping"] == pytest.approx(ref.state["damping"])
 
 
-@pytest.mark.parametrize("opts", [{"svd": "exact", "k": 8}, {"svd": "gram", "rmsprop": "pre", "microbatch": 2},
-                                  {"lr": 0.01, "rmsprop": "post", "rmsprop_momentum": 0.5, "kappa": 1.0}])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"svd": "exact", "k": 8},
+        {"svd": "gram", "rmsprop": "pre", "microbatch": 2},
+        {"lr": 0.01, "rmsprop": "post", "rmsprop_momentum": 0.5, "kappa": 1.0},
+    ],
+)
 def test_sven_adapter_matches_solver(opts):
     net, X, y = _net_and_data()
     prob = cl.SupervisedLoss(copy.deepcopy(net), _ce, None, (X, y))
@@ -68,10 +74,12 @@ def test_state_dict_round_trip(kind):
 
     def make(model):
         if kind == "egn":
-            return curvlab.optim.EGN(model.parameters(), damping=0.2, line_search=True, adaptive_damping=True,
-                                     momentum=0.5)
-        return curvlab.optim.Sven(model.parameters(), lr=0.05, rmsprop="post", rmsprop_momentum=0.5,
-                                  param_fraction=0.5, svd="randomized", k=3)
+            return curvlab.optim.EGN(
+                model.parameters(), damping=0.2, line_search=True, adaptive_damping=True, momentum=0.5
+            )
+        return curvlab.optim.Sven(
+            model.parameters(), lr=0.05, rmsprop="post", rmsprop_momentum=0.5, param_fraction=0.5, svd="randomized", k=3
+        )
 
     def closure_for(model, b):
         def closure():

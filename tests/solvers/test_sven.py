@@ -74,8 +74,9 @@ def test_backends_agree_with_exact(backend):
     A, g = _low_rank(60, 200, 30, decay=torch.logspace(0, -3, 30, dtype=torch.float64))
     R = torch.randn(60, generator=g, dtype=torch.float64)
     ref = sven_direction(A, R, *truncated_pinv(A, 8, rtol=1e-3, backend="exact"))
-    got = sven_direction(A, R, *truncated_pinv(A, 8, rtol=1e-3, backend=backend,
-                                               generator=torch.Generator().manual_seed(0)))
+    got = sven_direction(
+        A, R, *truncated_pinv(A, 8, rtol=1e-3, backend=backend, generator=torch.Generator().manual_seed(0))
+    )
     tol = 1e-8 if backend in ("gram", "auto") else 5e-2
     assert float((got - ref).norm() / ref.norm()) <= tol
 
@@ -134,8 +135,9 @@ def test_regression_training_and_history_columns():
     g = torch.Generator().manual_seed(0)
     X = torch.rand(256, 1, generator=g, dtype=torch.float64) * 2 - 1
     Y = torch.exp(-10 * X**2) * torch.sin(2 * X)
-    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(),
-                              torch.nn.Linear(16, 1)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 1)
+    ).double()
     batches = [(X[i : i + 64], Y[i : i + 64]) for i in range(0, 256, 64)]
     prob = cl.SupervisedLoss(net, lambda o, y: ((o - y) ** 2).sum(-1), None, batches)
     full = cl.SupervisedLoss(net, lambda o, y: ((o - y) ** 2).sum(-1), None, (X, Y))
@@ -166,8 +168,15 @@ def test_non_finite_residuals_stop_with_nan():
 def test_options_are_checked():
     with pytest.raises(TypeError, match="unknown option"):
         Sven(rank=3)
-    for bad in ({"k": 0}, {"rtol": 0.0}, {"svd": "lobpcg"}, {"param_fraction": 1.5}, {"rmsprop": "both"},
-                {"microbatch": 0}, {"kappa": -1.0}):
+    for bad in (
+        {"k": 0},
+        {"rtol": 0.0},
+        {"svd": "lobpcg"},
+        {"param_fraction": 1.5},
+        {"rmsprop": "both"},
+        {"microbatch": 0},
+        {"kappa": -1.0},
+    ):
         with pytest.raises(ValueError):
             Sven(**bad)
     with pytest.raises(ValueError, match="back-end"):
