@@ -137,6 +137,7 @@ def eigsh(
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    check_multiplicity: bool = False,
 ) -> EigshResult:
     r"""``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -174,7 +175,8 @@ def eigsh(
     Hessian, an exact null space (softmax shift invariance) next to eigenvalues of
     :math:`10^{-7}\|A\|` — converge very slowly; ``converged=False`` then says so
     after ``maxiter`` restarts. Further copies of a repeated eigenvalue appear only
-    through rounding and may be missed when the run converges early (as in ARPACK).
+    through rounding and may be missed when the run converges early (as in ARPACK);
+    ``check_multiplicity=True`` guards against that.
 
     Args:
         op: a symmetric ``(n, n)`` :class:`~curvlab.linops.LinearOperator` or a dense
@@ -191,6 +193,12 @@ def eigsh(
         v0: start vector ``(n,)`` (default: Gaussian, drawn with ``generator``).
         generator: :class:`torch.Generator` on the operator's device, for reproducibility.
         seed: alternative to ``generator``: seed a fresh one.
+        check_multiplicity: after convergence, run one more full Lanczos cycle from a fresh
+            random direction orthogonal to the basis, keeping the converged pairs, and stop
+            only when the wanted pairs converge again. A copy of a wanted eigenvalue that the
+            first start vector did not contain then shows up (its direction is in the fresh
+            vector with probability 1). Costs about ``ncv - k`` more products (default off, as
+            in ARPACK).
 
     Returns:
         An :class:`EigshResult`: unpacks as ``(eigenvalues, eigenvectors)`` with the
@@ -256,6 +264,8 @@ def eigsh(
     n_restarts = 0
     beta_last = torch.zeros((), dtype=dtype, device=device)
     check_every = max(1, m // 16)  # test convergence every few steps, so a run stops mid-cycle
+    verifying = False  # in the multiplicity check's extra cycle (tested only once the basis is full)
+    verified = False  # that cycle has been started (it runs once)
     while True:
         converged = False
         for j in range(p, m):
@@ -280,7 +290,7 @@ def eigsh(
                 V[:, j + 1] = w / beta
                 beta_last = beta
             size = j + 1
-            if size <= k or (size < m and (size - p) % check_every):
+            if size <= k or (size < m and ((size - p) % check_every or verifying)):
                 continue
             Hs = H[:size, :size]
             theta, S = torch.linalg.eigh((0.5 * (Hs + Hs.T)).to(small))
@@ -292,8 +302,19 @@ def eigsh(
             if bool(conv.all()):
                 converged = True
                 break
+        if converged and check_multiplicity and not verified:
+            # keep the converged pairs, go on from a fresh direction orthogonal to them
+            verifying = verified = True
+            p = k
+            keep = wanted
+            V[:, :p] = V[:, :size] @ S[:, keep]
+            V[:, p] = _random_orthogonal(V[:, :p], gen)
+            H.zero_()
+            H[:p, :p] = torch.diag(theta[keep])
+            continue
         if converged or n_restarts >= max_restarts:
             break
+        verifying = False
         # thick restart: keep the wanted Ritz vectors and half of the spare slots (nearest on the wanted side)
         p = min(k + (m - k) // 2, m - 1)
         keep = _select(theta, which, p)

@@ -97,8 +97,8 @@ def test_eigsh_reproducible_with_seed_and_generator(mlp_hessian):
 
 _MISSED_COPY = pytest.mark.xfail(
     strict=True,
-    reason="known limitation (reported): single-vector thick-restart Lanczos converges before a third copy of a "
-    "repeated eigenvalue emerges from rounding; finds 10, 10, 9 where scipy's ARPACK finds 10, 10, 10",
+    reason="known limitation of the default (as in ARPACK): single-vector thick-restart Lanczos converges before a "
+    "third copy of a repeated eigenvalue emerges from rounding; finds 10, 10, 9 — check_multiplicity=True fixes it",
 )
 
 
@@ -122,6 +122,29 @@ def test_eigsh_repeated_and_clustered(which):
     vals, vecs = spectrum.eigsh(A, k, which=which, seed=0)
     torch.testing.assert_close(vals, _expected(evs, k, which), rtol=0, atol=1e-8)
     torch.testing.assert_close(A @ vecs, vecs * vals, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE", "LM"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eigsh_check_multiplicity_finds_every_copy(which, seed):
+    # the case above, where one start vector misses the third copy of 10 for BE / LM
+    ev = torch.cat(
+        [
+            torch.full((3,), 10.0, dtype=D64),
+            torch.tensor([9.0], dtype=D64),
+            torch.linspace(0.5, 2.0, 70, dtype=D64),
+            -5.0 + 1e-3 * torch.arange(4, dtype=D64),
+            torch.full((2,), -7.0, dtype=D64),
+        ]
+    )
+    A = _sym_with(ev, seed=2 + seed)
+    k = 6
+    r = spectrum.eigsh(A, k, which=which, seed=seed, check_multiplicity=True)
+    assert r.converged
+    torch.testing.assert_close(r.eigenvalues, _expected(torch.sort(ev).values, k, which), rtol=0, atol=1e-8)
+    torch.testing.assert_close(A @ r.eigenvectors, r.eigenvectors * r.eigenvalues, rtol=0, atol=1e-6)
+    plain = spectrum.eigsh(A, k, which=which, seed=seed)
+    assert r.n_matvecs > plain.n_matvecs  # the extra verification cycle is paid for
 
 
 def test_eigsh_float32_and_operators():
