@@ -114,6 +114,36 @@ def make_generator(
     return generator
 
 
+def estimator_setup(
+    op: Any,
+    what: str,
+    method: str,
+    methods: tuple[str, ...],
+    budget: Any,
+    min_budget: dict[str, int],
+    block_size: Any,
+    generator: torch.Generator | None,
+    seed: int | None,
+) -> tuple[LinearOperator, int, int, torch.Generator | None]:
+    """Validate the arguments of a stochastic estimator (:func:`trace`, :func:`diag`).
+
+    Returns:
+        ``(operator, budget, block_size, generator)`` — the generator synced across ranks
+        for a data-parallel operator.
+    """
+    A = as_symmetric_operator(op, what)
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    budget = check_int(budget, "budget", 1)
+    if budget < min_budget[method]:
+        raise ValueError(
+            f"budget too small: {method} needs at least {min_budget[method]} products "
+            f"(for a standard error), got {budget}"
+        )
+    bs = check_block_size(block_size, A.device)
+    return A, budget, bs, make_generator(generator, seed, A.device, distributed=A.distributed)
+
+
 def rademacher(n: int, k: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """An ``(n, k)`` matrix of independent Rademacher (±1) entries."""
     bits = torch.randint(0, 2, (n, k), generator=generator, device=device, dtype=torch.int8)

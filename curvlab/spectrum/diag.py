@@ -31,12 +31,9 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    as_symmetric_operator,
-    check_block_size,
-    check_int,
+    estimator_setup,
     exact_diagonal,
     leave_one_out_basis,
-    make_generator,
     matmat_blocks,
     rademacher,
 )
@@ -109,18 +106,8 @@ def diag(
         >>> torch.allclose(res.estimate, torch.arange(1.0, 201.0, dtype=torch.float64))
         True
     """
-    A = as_symmetric_operator(op, "diag")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    budget = check_int(budget, "budget", 1)
-    if budget < _MIN_BUDGET[method]:
-        raise ValueError(
-            f"budget too small: {method} needs at least {_MIN_BUDGET[method]} products "
-            f"(for a standard error), got {budget}"
-        )
-    bs = check_block_size(block_size, A.device)
+    A, budget, bs, gen = estimator_setup(op, "diag", method, _METHODS, budget, _MIN_BUDGET, block_size, generator, seed)
     n, dtype, device = A.shape[0], A.dtype, A.device
-    gen = make_generator(generator, seed, device, distributed=A.distributed)
     start = A.n_matvecs
 
     def done(est: Tensor, se: Tensor, name: str) -> DiagResult:

@@ -42,12 +42,9 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    as_symmetric_operator,
-    check_block_size,
-    check_int,
+    estimator_setup,
     exact_diagonal,
     leave_one_out_basis,
-    make_generator,
     matmat_blocks,
     rademacher,
 )
@@ -136,18 +133,10 @@ def trace(
         >>> abs(float(res) - 250.0) < 4 * float(res.std_error) + 1e-9
         True
     """
-    A = as_symmetric_operator(op, "trace")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    budget = check_int(budget, "budget", 1)
-    if budget < _MIN_BUDGET[method]:
-        raise ValueError(
-            f"budget too small: {method} needs at least {_MIN_BUDGET[method]} products "
-            f"(for a standard error), got {budget}"
-        )
-    bs = check_block_size(block_size, A.device)
+    A, budget, bs, gen = estimator_setup(
+        op, "trace", method, _METHODS, budget, _MIN_BUDGET, block_size, generator, seed
+    )
     n, dtype, device = A.shape[0], A.dtype, A.device
-    gen = make_generator(generator, seed, device, distributed=A.distributed)
     start = A.n_matvecs
     zero = torch.zeros((), dtype=dtype, device=device)
 
