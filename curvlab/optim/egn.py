@@ -68,7 +68,7 @@ class EGN(ClosureOptimizer):
         rho_high: float = 0.75,
         damping_increase: float = 1.01,
         damping_decrease: float = 0.99,
-        min_damping: float = 1e-12,
+        min_damping: float | None = None,
         momentum: float = 0.0,
         chunk_size: int | None = None,
         distributed: bool | None = None,

@@ -148,7 +148,12 @@ class EGN(Solver):
         rho_high: ratio above which :math:`\lambda` shrinks (paper: 0.75).
         damping_increase: growth factor (paper: 1.01).
         damping_decrease: shrink factor (paper: 0.99).
-        min_damping: lower bound on :math:`\lambda`.
+        min_damping: lower bound on :math:`\lambda`; ``None`` (default) gives ``1e-4`` on mini-batch data
+            and ``1e-12`` on a deterministic problem. The paper's rule shrinks :math:`\lambda` by 0.99 whenever
+            :math:`\rho > 0.75`, which on interpolating mini-batch training holds at nearly every step, so
+            :math:`\lambda` falls geometrically; below ~1e-6 the batch-sized system turns ill-conditioned and
+            one batch's step wrecks the others (digits MLP, batch 32: test accuracy 0.969 → 0.47 after
+            ~48 epochs with a 1e-12 floor; stays 0.96 with 1e-4). Our safeguard, not the paper's.
         momentum: heavy-ball :math:`\beta \in [0, 1)`.
         jacobian: ``"auto"``, ``"per_sample"`` or ``"rows"``: how the Jacobian is taken (see
             :mod:`curvlab.solvers._jacobians`). On a SupervisedLoss ``"auto"`` is per-sample
@@ -178,7 +183,7 @@ class EGN(Solver):
     rho_high: float = 0.75
     damping_increase: float = 1.01
     damping_decrease: float = 0.99
-    min_damping: float = 1e-12
+    min_damping: float | None = None
     momentum: float = 0.0
     jacobian: str = "auto"
     chunk_size: int | None = None
@@ -187,7 +192,9 @@ class EGN(Solver):
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "damping", "c", "shrink", "grow", "damping_increase", "damping_decrease")
-        _check_positive(self, "momentum", "min_damping", "rho_low", "rho_high", allow_zero=True)
+        _check_positive(self, "momentum", "rho_low", "rho_high", allow_zero=True)
+        if self.min_damping is not None:
+            _check_positive(self, "min_damping", allow_zero=True)
         if not (self.c < 1 and self.shrink < 1):
             raise ValueError(f"EGN.c and EGN.shrink must lie in (0, 1), got c={self.c}, shrink={self.shrink}")
         if self.momentum >= 1:
@@ -257,7 +264,8 @@ class EGN(Solver):
             if not math.isfinite(rho) or rho < self.rho_low:
                 lam = lam * self.damping_increase
             elif rho > self.rho_high:
-                lam = max(lam * self.damping_decrease, self.min_damping)
+                floor = self.min_damping if self.min_damping is not None else (1e-4 if stochastic else 1e-12)
+                lam = max(lam * self.damping_decrease, floor)
             log["rho"] = rho if math.isfinite(rho) else float("nan")
         log["alpha"] = t
         return x_new, {"damping": lam, "alpha": t, "buf": buf}, log, None
