@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab._result import History
-from curvlab.solvers._base import _check_positive, _finite, check_run_args, options, run_loop
+from curvlab import History
+from curvlab.checks import is_finite as _finite
+from curvlab.checks import positive_fields as _check_positive
+from curvlab.solvers import check_run_args, options, run_loop
 
 from ._problem import BilevelProblem
 

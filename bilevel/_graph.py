@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab._data import Batch
+from curvlab.data import Batch
 from curvlab.problems import ALL
 
 from ._problem import BilevelProblem

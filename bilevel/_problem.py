@@ -24,15 +24,15 @@ all-reduce whose backward sums the gradients reaching ``x`` and ``y`` over the r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvlab import distributed as _dist
-from curvlab._data import Batch, Data
-from curvlab._params import ParamSpec
+from curvlab.data import Batch, Data, Stream
+from curvlab.params import ParamSpec
 from curvlab.problems import ALL
 
 from .sets import Set
@@ -40,32 +40,8 @@ from .sets import Set
 __all__ = ["BilevelProblem", "ALL"]
 
 
-class _Source:
-    """Draws batches from one :class:`~curvlab._data.Data` by draw number (endless epochs)."""
-
-    def __init__(self, data: Data) -> None:
-        self.data = data
-        self._stream: Iterator[Batch] | None = None
-        self._pos = 0
-        self._last: tuple[int, Batch] | None = None
-
-    def draw(self, position: int) -> Batch:
-        if self.data.kind == "none":
-            return None
-        if not self.data.multi:
-            return self.data.raw
-        raw = self.data.raw
-        if isinstance(raw, (list, tuple)):
-            return raw[position % len(raw)]
-        if self._last is not None and self._last[0] == position:
-            return self._last[1]
-        if self._stream is None or self._pos != position:
-            self._stream = self.data.stream(position)
-            self._pos = position
-        self._pos += 1
-        batch = next(self._stream)
-        self._last = (position, batch)
-        return batch
+class _Source(Stream):
+    """Draws batches from one :class:`~curvlab.data.Data` by draw number (endless epochs)."""
 
     def pairs(self, batch: Batch) -> Any:
         """``(batch, weight)`` pairs: every batch, weighted, for ``ALL``; else the batch itself."""
@@ -77,46 +53,6 @@ class _Source:
 
     def first(self) -> Batch:
         return next(iter(self.data.batches()))
-
-
-class _CopyToRanks(torch.autograd.Function):
-    """Identity forward on a variable every rank shares; backward sums its gradient over the ranks."""
-
-    @staticmethod
-    def forward(t: Tensor) -> Tensor:
-        return t.view_as(t)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _SumOverRanks.apply(grad)
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
-        return tangent.view_as(tangent)
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) forward of this rank's part; backward passes the (shared) gradient through."""
-
-    @staticmethod
-    def forward(t: Tensor) -> Tensor:
-        return _dist.all_reduce_sum(t)  # type: ignore[return-value]
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _CopyToRanks.apply(grad)
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
-        return _dist.all_reduce_sum(tangent)  # type: ignore[return-value]
 
 
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
@@ -154,7 +90,7 @@ class BilevelProblem:
             solvers project ``x`` and ``y``.
 
     Attributes:
-        xspec, yspec: the :class:`~curvlab._params.ParamSpec` of ``x`` and ``y``.
+        xspec, yspec: the :class:`~curvlab.params.ParamSpec` of ``x`` and ``y``.
         x0, y0: the starting points as flat 1-D tensors (copies).
         dx, dy: their sizes.
         constrained: whether ``constraints`` was given.
@@ -319,11 +255,11 @@ class BilevelProblem:
 
     def _global_diff(self, which: str, x: Tensor, y: Tensor, batch: Batch) -> Tensor:
         """The global ``which`` objective of a data-parallel run, differentiable through the ranks' sum."""
-        local = self._local_value(which, _CopyToRanks.apply(x), _CopyToRanks.apply(y), batch).reshape(1)
+        local = self._local_value(which, _dist.shared_variable(x), _dist.shared_variable(y), batch).reshape(1)
         if batch is not ALL:  # the global mini-batch: weight n_r / sum_r n_r
             n = float((self.outer_data if which == "outer" else self.inner_data).local_size(batch))
             local = local * (n / float(_dist.all_reduce_sum(n)))
-        return _SumOverRanks.apply(local).reshape(())
+        return _dist.all_reduce_sum_differentiable(local).reshape(())
 
     def f_diff(self, x: Tensor, y: Tensor, batch: Batch = ALL) -> Tensor:
         """Outer objective ``f(x, y)`` keeping the autograd graph (for unrolled differentiation)."""

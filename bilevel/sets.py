@@ -1,6 +1,6 @@
 r"""Simple closed convex sets with a Euclidean projection, for constrained variables.
 
-A set acts on the *flat* vector of a variable (see :class:`curvlab._params.ParamSpec`):
+A set acts on the *flat* vector of a variable (see :class:`curvlab.params.ParamSpec`):
 :meth:`Set.project` takes a 1-D tensor and returns its projection
 :math:`\Pi_C(v) = \arg\min_{u \in C} \|u - v\|`, and :meth:`Set.contains` says whether a
 point lies in the set. Bounds given in the variable's own structure (e.g. a dict of

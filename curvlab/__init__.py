@@ -8,13 +8,18 @@ adapters (:mod:`curvlab.optim`) and Hessian spectrum analysis
 when a process group is initialised (:mod:`curvlab.distributed`).
 """
 
-from . import distributed, linalg, linops, optim, solvers, spectrum
+from . import checks, data, distributed, linalg, linops, optim, params, solvers, spectrum
 from ._result import History, Result
 from .problems import ALL, LeastSquares, Minimize, Problem, SupervisedLoss
 from .solvers import solve
+from .status import Status
 
 __version__ = "0.1.0"
 __all__ = [
+    "checks",
+    "data",
+    "params",
+    "Status",
     "distributed",
     "linalg",
     "linops",

@@ -31,7 +31,7 @@ curvlab runs on PyTorch's own distributed engine (launched by ``torchrun`` or
   every helper here is a no-op and curvlab's single-process path is untouched.
 
 Whether an object is data-parallel is decided when it is *created* (a problem, an
-operator, a :class:`~curvlab._data.Data` view): objects built inside :func:`local` stay
+operator, a :class:`~curvlab.data.Data` view): objects built inside :func:`local` stay
 process-local for their whole life. Data-parallel objects make every product and every
 evaluation a collective: all ranks must call them in the same order (they do when they run
 the same script).
@@ -68,6 +68,8 @@ __all__ = [
     "synced_generator",
     "shard",
     "local",
+    "all_reduce_sum_differentiable",
+    "shared_variable",
 ]
 
 _LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("curvlab_distributed_local", default=False)
@@ -295,3 +297,68 @@ def _cumsum(sizes: Sequence[int]) -> list[int]:
 def _same_length(lengths: list[int]) -> None:
     if len(set(lengths)) > 1:
         raise ValueError(f"shard: the tensors of a dataset must share their leading dimension, got {lengths}")
+
+
+# --------------------------------------------------------------------------- #
+# differentiable collectives (unrolled differentiation through data-parallel objectives)
+# --------------------------------------------------------------------------- #
+class _CopyToRanks(torch.autograd.Function):
+    """Identity forward on a variable every rank shares; backward sums its gradient over the ranks."""
+
+    @staticmethod
+    def forward(t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _SumOverRanks.apply(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return tangent.view_as(tangent)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) forward of this rank's part; backward passes the (shared) gradient through."""
+
+    @staticmethod
+    def forward(t: Tensor) -> Tensor:
+        return all_reduce_sum(t)  # type: ignore[return-value]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _CopyToRanks.apply(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return all_reduce_sum(tangent)  # type: ignore[return-value]
+
+
+def all_reduce_sum_differentiable(t: Tensor) -> Tensor:
+    """Sum ``t`` over the ranks; the backward passes the (shared) gradient back to every rank's part.
+
+    Use it on a rank's part of a global objective whose inputs went through
+    :func:`shared_variable`: derivatives of any order through the pair are then those of the
+    global objective. A no-op without a process group.
+    """
+    if not is_distributed():
+        return t
+    return _SumOverRanks.apply(t)
+
+
+def shared_variable(t: Tensor) -> Tensor:
+    """Identity on a variable every rank holds alike; its backward sums the gradient over the ranks.
+
+    The partner of :func:`all_reduce_sum_differentiable` (see there). A no-op without a process group.
+    """
+    if not is_distributed():
+        return t
+    return _CopyToRanks.apply(t)

@@ -1,7 +1,7 @@
 """Problem definitions: :class:`Minimize`, :class:`LeastSquares`, :class:`SupervisedLoss`.
 
 A problem bundles an objective, the starting parameters and the data. Solvers
-work on a flat parameter vector ``x`` (see :class:`curvlab._params.ParamSpec`)
+work on a flat parameter vector ``x`` (see :class:`curvlab.params.ParamSpec`)
 and ask the problem for values, gradients and curvature operators at ``x``,
 either on one batch or on the whole dataset (``batch=ALL``).
 
@@ -13,19 +13,19 @@ results are averaged weighted by the batches' sample counts (the global mini-bat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
-from ._data import Batch, Data
-from ._params import ParamSpec
+from .data import Batch, Data, Stream
 from .linops import hessian as _hessian
 from .linops._autodiff import call_model, per_sample_losses, split_supervised_batch
 from .linops.ggn import GGNOperator, ggn
 from .linops.jacobian import JacobianOperator, jacobian
+from .params import ParamSpec
 
 __all__ = ["Problem", "Minimize", "LeastSquares", "SupervisedLoss", "ALL", "MatrixSensing", "matrix_sensing"]
 
@@ -43,17 +43,16 @@ class Problem:
     """Common machinery of the problem types.
 
     Attributes:
-        spec: the :class:`~curvlab._params.ParamSpec` of the parameters.
+        spec: the :class:`~curvlab.params.ParamSpec` of the parameters.
         x0: the starting point as a flat vector (a copy; the user's tensors are never modified).
-        data: the :class:`~curvlab._data.Data` view of ``data``.
+        data: the :class:`~curvlab.data.Data` view of ``data``.
     """
 
     def __init__(self, params: Any, data: Any, batch_size_fn: Callable[[Batch], int] | None = None) -> None:
         self.spec = ParamSpec(params, "params")
         self.x0 = self.spec.flatten()
         self.data = Data(data, "mean", batch_size_fn)
-        self._stream: Iterator[Batch] | None = None
-        self._stream_pos = 0
+        self._stream = Stream(self.data)
 
     # ------------------------------------------------------------ to override
     def batch_value(self, x: Tensor, batch: Batch) -> Tensor:
@@ -73,20 +72,7 @@ class Problem:
         state stores the count) sees the same batches as an uninterrupted one,
         as long as iterating over ``data`` is deterministic.
         """
-        if not self.data.multi:
-            return self.data.raw
-        if isinstance(self.data.raw, (list, tuple)):
-            return self.data.raw[position % len(self.data.raw)]
-        last = getattr(self, "_last_draw", None)
-        if last is not None and last[0] == position:
-            return last[1]  # the current batch again (e.g. a line search re-evaluating it)
-        if self._stream is None or self._stream_pos != position:
-            self._stream = self.data.stream(position)
-            self._stream_pos = position
-        self._stream_pos += 1
-        batch = next(self._stream)
-        self._last_draw = (position, batch)
-        return batch
+        return self._stream.draw(position)
 
     # --------------------------------------------------------------- values
     def _scalar(self, v: Any) -> Tensor:

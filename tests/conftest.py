@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvlab._params import ParamSpec
+from curvlab.params import ParamSpec
 
 # Two threads on a shared 2-core box make small ops far slower; tests are small.
 torch.set_num_threads(1)

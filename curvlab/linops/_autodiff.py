@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as _dist
-from .._data import Batch, Data
-from .._params import ParamSpec
+from ..data import Batch, Data
+from ..params import ParamSpec
 
 
 def _grad(outputs: Tensor, inputs: Tensor, grad_outputs: Tensor, batched: bool, retain: bool = True) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._data import Batch
+from ..data import Batch
 from ._autodiff import CompiledProducts, _grad, call_model, compile_options, per_sample_losses, split_supervised_batch
 from .ggn import OutputCurvature
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._data import Batch
+from ..data import Batch
 from ._autodiff import (
     CompiledProducts,
     CurvatureBase,

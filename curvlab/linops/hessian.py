@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._data import Batch
+from ..data import Batch
 from ._autodiff import CompiledProducts, CurvatureBase, _grad, compile_options
 from ._base import LinearOperator
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
-from .._data import Batch
+from ..data import Batch
 from ._autodiff import CurvatureBase, _grad
 from ._base import LinearOperator
 

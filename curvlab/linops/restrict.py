@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._params import ParamSpec
+from ..params import ParamSpec
 from ._base import LinearOperator
 
 __all__ = ["RestrictedOperator", "restrict", "blocks"]
@@ -38,7 +38,7 @@ class RestrictedOperator(LinearOperator):
         parent: the full operator :math:`A`.
         indices: ``(k,)`` long tensor :math:`I` of the selected flat coordinates (on ``A``'s device).
         names: parameter names the block covers (``None`` for a selection by index).
-        spec: a :class:`~curvlab._params.ParamSpec` of the selected parameters (names
+        spec: a :class:`~curvlab.params.ParamSpec` of the selected parameters (names
             selection only), so ``spec.unflatten(v)`` splits a block vector per parameter.
     """
 

@@ -1,7 +1,7 @@
 """A small base for closure-driven ``torch.optim.Optimizer`` adapters of curvlab solvers.
 
 The adapters treat all parameters as one flat vector (curvlab's
-:class:`~curvlab._params.ParamSpec` over the tensors of every param group, in order), keep
+:class:`~curvlab.params.ParamSpec` over the tensors of every param group, in order), keep
 their per-run state as tensors and numbers in ``self.state`` under the first parameter
 (as ``torch.optim.LBFGS`` does), so ``state_dict()`` / ``load_state_dict()`` round-trip it,
 and get everything they need from a closure that evaluates the model *without* calling
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
-from .._params import ParamSpec
+from ..params import ParamSpec
 from ..solvers._jacobians import rows_jacobian
 
 __all__ = ["ClosureOptimizer"]

@@ -5,7 +5,7 @@ Every solver is a dataclass of hyperparameters (with the paper's defaults);
 runs it and returns a :class:`curvlab.Result`.
 """
 
-from ._base import Solver, options, solve
+from ._base import Solver, check_run_args, options, run_loop, solve
 from ._line_search import LineSearchResult, armijo
 from .adam import Adam
 from .egn import EGN
@@ -20,6 +20,8 @@ from .sven import Sven
 __all__ = [
     "Solver",
     "options",
+    "run_loop",
+    "check_run_args",
     "solve",
     "armijo",
     "LineSearchResult",

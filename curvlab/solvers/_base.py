@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .. import distributed as _dist
 from .._result import History, Result
+from ..checks import is_finite, positive_fields
 from ..problems import Problem
+from ..status import Status
 
 __all__ = ["Solver", "options", "solve"]
 
@@ -59,21 +59,10 @@ def options(cls: type) -> type:
 
 
 def _check_positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)  # True is not a step size
-        ok = number and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
-        if not ok:
-            want = "a finite number >= 0" if allow_zero else "a finite number > 0"
-            raise ValueError(f"{type(obj).__name__}.{n} must be {want}, got {v!r}")
+    positive_fields(obj, *names, allow_zero=allow_zero)
 
 
-def _finite(t: Any) -> bool:
-    if t is None:
-        return True
-    if isinstance(t, Tensor):
-        return bool(torch.isfinite(t).all())
-    return math.isfinite(float(t))
+_finite = is_finite
 
 
 class Solver:
@@ -227,12 +216,14 @@ def run_loop(
     blew_up: Check,
     record: Callable[[dict[str, Any], float], dict[str, Any]],
     postfix: Callable[[dict[str, Any]], dict[str, str]],
-) -> tuple[dict[str, Any], str, str, History]:
+    time_limit: float | None = None,
+) -> tuple[dict[str, Any], Status, str, History]:
     """The iteration loop every ``solve`` shares (single-level here, bilevel in :mod:`bilevel`).
 
     Stops, in this order, when ``converged(state)`` gives a message, the state carries a
     ``status``, ``max_iter`` is reached, the next state is non-finite (``"nan"``: the last
-    finite state is kept), blows up (``"diverged"``) or the callback returns ``True``. The
+    finite state is kept), blows up (``"diverged"``), the callback returns ``True``
+    (``"callback"``) or ``time_limit`` seconds have passed since ``t0`` (``"time_limit"``). The
     check functions return ``None`` to go on or the sentence that explains the stop. Only
     the main process of a data-parallel run shows the tqdm bar.
 
@@ -243,10 +234,10 @@ def run_loop(
         FloatingPointError: on a ``"nan"`` stop when ``raise_on_nan``.
     """
     history = History()
-    status: str | None = None
+    status: Status | None = None
     message = start(state) or ""
     if message:
-        status = "nan"
+        status = Status.NAN
     bar = None
     if progress and _dist.is_main_process():
         from tqdm.auto import tqdm
@@ -256,23 +247,23 @@ def run_loop(
         while status is None:
             msg = converged(state)
             if msg:
-                status, message = "converged", msg
+                status, message = Status.CONVERGED, msg
                 break
             if state.get("status"):
-                status = state["status"]
+                status = Status.of(state["status"])
                 message = state.get("message", status)
                 break
             if state["iter"] >= max_iter:
-                status, message = "max_iter", f"reached max_iter={max_iter}"
+                status, message = Status.MAX_ITER, f"reached max_iter={max_iter}"
                 break
             new = solver.step(problem, state)
             msg = nonfinite(new)
             if msg:
-                status, message = "nan", msg
+                status, message = Status.NAN, msg
                 break
             msg = blew_up(new)
             if msg:
-                status, message, state = "diverged", msg, new
+                status, message, state = Status.DIVERGED, msg, new
                 break
             state = new
             history.append(record(state, t0))
@@ -280,11 +271,14 @@ def run_loop(
                 bar.update(1)
                 bar.set_postfix(**postfix(state))
             if callback is not None and callback(state):
-                status, message = "callback", "stopped by the callback"
+                status, message = Status.CALLBACK, "stopped by the callback"
+            elif time_limit is not None and time.perf_counter() - t0 >= time_limit:
+                status, message = Status.TIME_LIMIT, f"time_limit={time_limit:g} s reached"
     finally:
         if bar is not None:
             bar.close()
-    if status == "nan" and raise_on_nan:
+    assert status is not None
+    if status == Status.NAN and raise_on_nan:
         raise FloatingPointError(message)
     return state, status, message, history
 

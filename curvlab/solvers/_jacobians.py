@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
-from .._params import tree_map
 from ..linops._autodiff import per_sample_losses, split_supervised_batch
+from ..params import tree_map
 from ..problems import ALL, LeastSquares, Problem, SupervisedLoss
 from ._common import batch_for, current_batch
 
@@ -208,7 +208,7 @@ def _gather_rows(problem: Problem, *tensors: Tensor | None) -> tuple[Any, ...]:
 
 
 def _leaves(tree: Any) -> list[Tensor]:
-    from .._params import tree_leaves
+    from ..params import tree_leaves
 
     leaves = tree_leaves(tree)
     if not leaves:

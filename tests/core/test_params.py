@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvlab._params import ParamSpec
+from curvlab.params import ParamSpec
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
-from ._params import tree_leaves
+from .params import tree_leaves
 
 Batch = Any
 
@@ -176,6 +176,52 @@ class Data:
                 raise ValueError("data holds no batch")
 
 
+class Stream:
+    """Batches by draw number from one :class:`Data`: the endless epoch-after-epoch stream solvers draw from.
+
+    ``draw(k)`` is the ``k``-th batch counted from the start of the run, so a resumed solver
+    (its state stores the count) sees the same batches as an uninterrupted one, as long as
+    iterating over the data is deterministic. Drawing the same position twice in a row returns
+    the same batch without advancing a ``DataLoader`` (a line search re-evaluating its batch);
+    drawing out of order restarts the stream and skips ahead. Without several batches every draw
+    is the data itself (``None`` without data).
+
+    Args:
+        data: a :class:`Data` view.
+
+    Example:
+        >>> s = Stream(Data([torch.zeros(2), torch.ones(3)]))
+        >>> [s.draw(k).shape[0] for k in range(3)]
+        [2, 3, 2]
+    """
+
+    def __init__(self, data: Data) -> None:
+        self.data = data
+        self._it: Iterator[Batch] | None = None
+        self._pos = 0
+        self._last: tuple[int, Batch] | None = None
+
+    def draw(self, position: int) -> Batch:
+        """The batch at draw number ``position``."""
+        if not self.data.multi:
+            return self.data.raw
+        raw = self.data.raw
+        if isinstance(raw, (list, tuple)):
+            return raw[position % len(raw)]
+        if self._last is not None and self._last[0] == position:
+            return self._last[1]
+        if self._it is None or self._pos != position:
+            self._it = self.data.stream(position)
+            self._pos = position
+        self._pos += 1
+        batch = next(self._it)
+        self._last = (position, batch)
+        return batch
+
+    def __getstate__(self) -> dict[str, Any]:  # a live iterator cannot be pickled or deep-copied
+        return {"data": self.data, "_it": None, "_pos": 0, "_last": None}
+
+
 def call(fn: Callable[..., Any], params: Any, batch: Batch, nargs_hint: int | None = None) -> Any:
     """Call ``fn(params, batch)``, or ``fn(params)`` when there is no batch."""
     if batch is None:
@@ -185,6 +231,6 @@ def call(fn: Callable[..., Any], params: Any, batch: Batch, nargs_hint: int | No
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move the tensors of a batch to ``device`` (no copy when already there)."""
-    from ._params import tree_map
+    from .params import tree_map
 
     return tree_map(lambda t: t.to(device), batch)
