@@ -34,3 +34,24 @@ def fresh_state(problem: Problem, **extra: Any) -> dict[str, Any]:
 def current_batch(problem: Problem, state: dict[str, Any]) -> Any:
     """The batch the state's value and gradient were computed on (``ALL`` when deterministic)."""
     return problem.draw(state["draws"] - 1) if problem.stochastic else ALL
+
+
+def search_stop(ls: Any, what: str = "") -> dict[str, Any]:
+    """``status``/``message`` entries for a state whose line search ``ls`` (a failed
+    :class:`~curvlab.solvers.LineSearchResult`) ends the run.
+
+    ``"nan"`` when every trial was non-finite; ``"converged"`` when the failure is the limit
+    of precision (the first trial predicted a decrease below the rounding noise of ``f``: no
+    step can decrease ``f`` measurably, the Newton-decrement test at the dtype's
+    tolerance); ``"line_search_failed"`` otherwise.
+    """
+    along = f" along the {what}" if what else ""
+    if ls.status == "nan":
+        return {"status": "nan", "message": f"{ls.message}{along}; returning the last finite parameters"}
+    if ls.precision_limit:
+        return {
+            "status": "converged",
+            "message": f"no decrease of f resolvable in this precision{along} "
+            "(the predicted decrease is below the rounding noise of f)",
+        }
+    return {"status": "line_search_failed", "message": f"{ls.message}{along}"}

@@ -15,9 +15,10 @@ from torch import Tensor
 
 from ..problems import LeastSquares, Problem, SupervisedLoss
 from ._base import Solver, _check_positive, options
-from ._common import fresh_state, point
+from ._common import fresh_state, point, search_stop
 from ._jacobians import JACOBIAN_MODES, next_batch, residual_rows, state_batch, supervised_outputs
-from ._line_search import armijo
+from .damping import RatioDamping, gain_ratio
+from .line_search import Armijo
 
 __all__ = ["EGN", "egn_direction", "Linearization"]
 
@@ -203,6 +204,7 @@ class EGN(Solver):
             raise ValueError(f"EGN.rho_low must be <= rho_high, got {self.rho_low} > {self.rho_high}")
         if not isinstance(self.max_backtracks, int) or self.max_backtracks < 1:
             raise ValueError(f"EGN.max_backtracks must be an integer >= 1, got {self.max_backtracks!r}")
+        self.damping_rule(True)  # validates the factors (RatioDamping's checks)
         if self.jacobian not in JACOBIAN_MODES:
             raise ValueError(f"EGN.jacobian must be one of {JACOBIAN_MODES}, got {self.jacobian!r}")
 
@@ -216,7 +218,7 @@ class EGN(Solver):
         value_at: Any,
         vars_: dict[str, Any],
         stochastic: bool,
-    ) -> tuple[Tensor, dict[str, Any], dict[str, Any], str | None]:
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Any], dict[str, str] | None]:
         """One EGN update from the linearization at ``x`` (shared by the solver and :class:`curvlab.optim.EGN`).
 
         Args:
@@ -229,7 +231,9 @@ class EGN(Solver):
             stochastic: whether a failed line search skips the batch (``True``) or stops the run.
 
         Returns:
-            ``(x_new, new_vars, log, status)``; ``status`` is ``None`` or ``"line_search_failed"``.
+            ``(x_new, new_vars, log, stop)``; ``stop`` is ``None`` or the ``{"status", "message"}`` of a
+            failed line search on a deterministic problem (``"line_search_failed"``, ``"nan"`` when every
+            trial was non-finite, ``"converged"`` at the limit of precision).
         """
         lam = float(vars_["damping"])
         alpha_prev = float(vars_["alpha"])
@@ -240,12 +244,12 @@ class EGN(Solver):
         t = self.lr
         f_new: Tensor | None = None
         if self.line_search:
-            t0 = min(self.grow * alpha_prev, self.lr)
-            ls = armijo(lambda s: value_at(x + s * d), f0, slope, t0, self.c, self.shrink, self.max_backtracks)
+            search = self.armijo_rule()
+            ls = search.search(lambda s: value_at(x + s * d), f0, slope, search.first_trial(alpha_prev, self.lr))
             log["ls_evals"] = ls.n_evals
             if not ls.success:
                 if not stochastic:
-                    return x, vars_, log, "line_search_failed"
+                    return x, vars_, log, search_stop(ls, "EGN direction")
                 return x, vars_, log, None  # skip this batch; α stays (no collapse to the last trial)
             t, f_new = ls.t, ls.value
         step = t * d
@@ -258,17 +262,21 @@ class EGN(Solver):
             if f_new is None:
                 f_new = value_at(x_new)
             Js = lin.J @ step
-            pred = float(torch.dot(grad, step) + 0.5 * torch.dot(Js, lin.apply_q(Js)) / lin.b)
-            actual = float(f_new) - float(f0)
-            rho = actual / pred if pred != 0 else 0.0
-            if not math.isfinite(rho) or rho < self.rho_low:
-                lam = lam * self.damping_increase
-            elif rho > self.rho_high:
-                floor = self.min_damping if self.min_damping is not None else (1e-4 if stochastic else 1e-12)
-                lam = max(lam * self.damping_decrease, floor)
+            pred = -float(torch.dot(grad, step) + 0.5 * torch.dot(Js, lin.apply_q(Js)) / lin.b)
+            rho = gain_ratio(float(f0) - float(f_new), pred)
+            lam = self.damping_rule(stochastic).update(lam, rho)
             log["rho"] = rho if math.isfinite(rho) else float("nan")
         log["alpha"] = t
         return x_new, {"damping": lam, "alpha": t, "buf": buf}, log, None
+
+    def armijo_rule(self) -> Armijo:
+        """This solver's :class:`~curvlab.solvers.Armijo` search (``c``, ``shrink``, ``max_backtracks``, ``grow``)."""
+        return Armijo(self.c, self.shrink, self.max_backtracks, grow=self.grow)
+
+    def damping_rule(self, stochastic: bool) -> RatioDamping:
+        """The :class:`~curvlab.solvers.RatioDamping` rule of the adaptive damping."""
+        floor = self.min_damping if self.min_damping is not None else (1e-4 if stochastic else 1e-12)
+        return RatioDamping(self.rho_low, self.rho_high, self.damping_increase, self.damping_decrease, floor=floor)
 
     # ------------------------------------------------------------------ solver
     def init(self, problem: Problem) -> dict[str, Any]:
@@ -286,14 +294,7 @@ class EGN(Solver):
         )
         matvecs = state["matvecs"] + lin.J.shape[0]
         if status is not None:
-            return {
-                **state,
-                **vars_,
-                "matvecs": matvecs,
-                "log": log,
-                "status": status,
-                "message": "Armijo line search found no decrease along the EGN direction",
-            }
+            return {**state, **vars_, "matvecs": matvecs, "log": log, **status}
         nb, draws = next_batch(problem, state["draws"])
         new = point(problem, x_new, nb)
         return {

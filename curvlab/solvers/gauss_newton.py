@@ -18,10 +18,14 @@ from ..linops import gram
 from ..problems import ALL, LeastSquares, Problem
 from ._base import Solver, _check_positive, options
 from ._jacobians import JACOBIAN_MODES, residual_rows
+from .damping import RatioDamping, interpolated_increase
 
 __all__ = ["GaussNewton", "lm_parameter"]
 
 _METHODS = ("auto", "dense", "gram", "cg")
+#: Moré's (MINPACK ``lmder``) ratio rule: thresholds 0.25 / 0.75, λ halved on a good step, multiplied by
+#: the interpolated factor in [2, 10] on a poor one (radius: the inverse)
+_MORE = RatioDamping.preset("more")
 _DWARF = 1e-300
 
 
@@ -337,19 +341,13 @@ class GaussNewton(Solver):
             else:
                 ratio, trial = min(ratio, 0.0), None
 
-        if ratio <= 0.25:
-            temp = 0.5 if actred >= 0 else 0.5 * dirder / (dirder + 0.5 * actred)
-            if 0.1 * fnorm1 >= fnorm or temp < 0.1:
-                temp = 0.1
-            if method == "cg":
-                par = max(par / temp, self.damping)
-            else:
-                delta = temp * min(delta, pnorm / 0.1)
-                par = par / temp
-        elif par == 0 or ratio >= 0.75:
-            if method != "cg":
-                delta = pnorm / 0.5
-            par = 0.5 * par
+        poor = _MORE.verdict(ratio) > 0
+        inc = interpolated_increase(actred, dirder, blowup=0.1 * fnorm1 >= fnorm) if poor else None
+        if method != "cg":
+            delta = _MORE.radius(delta, pnorm, ratio, inc, undamped=par == 0)
+        par = _MORE.update(par, ratio, inc)
+        if method == "cg" and poor:
+            par = max(par, self.damping)
 
         log = {"damping": par, "ratio": ratio, "radius": float(delta) if delta is not None else float("nan")}
         new = {

@@ -8,8 +8,8 @@ import torch
 
 from ..problems import Problem
 from ._base import Solver, _check_positive, options
-from ._common import batch_for, current_batch, fresh_state, point
-from ._line_search import armijo
+from ._common import batch_for, current_batch, fresh_state, point, search_stop
+from .line_search import Armijo
 
 __all__ = ["GradientDescent"]
 
@@ -64,17 +64,11 @@ class GradientDescent(Solver):
             slope = torch.dot(g, d)
             if slope >= 0:
                 d, slope = -g, -torch.dot(g, g)
-            ls = armijo(
-                lambda s: problem.value(x + s * d, b),
-                state["value"],
-                slope,
-                self.lr,
-                self.c1,
-                self.shrink,
-                self.max_backtracks,
+            ls = Armijo(self.c1, self.shrink, self.max_backtracks).search(
+                lambda s: problem.value(x + s * d, b), state["value"], slope, self.lr
             )
             if not ls.success:
-                return {**state, "status": "line_search_failed", "message": "Armijo line search found no decrease"}
+                return {**state, **search_stop(ls)}
             t = ls.t
         x_new = x + t * d
         batch, draws = batch_for(problem, state["draws"])

@@ -10,8 +10,8 @@ import torch
 from ..linalg import cg
 from ..problems import ALL, Problem
 from ._base import Solver, _check_positive, options
-from ._common import fresh_state, point
-from ._line_search import armijo
+from ._common import fresh_state, point, search_stop
+from .line_search import Armijo
 
 __all__ = ["NewtonCG"]
 
@@ -76,16 +76,11 @@ class NewtonCG(Solver):
             d, slope = -g, -torch.dot(g, g)
         matvecs = state["matvecs"] + res.n_matvecs
         if self.line_search:
-            ls = armijo(
-                lambda t: problem.value(x + t * d, ALL), f0, slope, 1.0, self.c1, self.shrink, self.max_backtracks
+            ls = Armijo(self.c1, self.shrink, self.max_backtracks).search(
+                lambda t: problem.value(x + t * d, ALL), f0, slope, 1.0
             )
             if not ls.success:
-                return {
-                    **state,
-                    "matvecs": matvecs,
-                    "status": "line_search_failed",
-                    "message": "Armijo line search found no decrease (at the limit of precision?)",
-                }
+                return {**state, "matvecs": matvecs, **search_stop(ls, "Newton-CG direction")}
             t = ls.t
         else:
             t = 1.0

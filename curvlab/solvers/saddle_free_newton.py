@@ -12,8 +12,8 @@ from torch import Tensor
 from ..linalg import lanczos, randomized_eigh
 from ..problems import ALL, Problem
 from ._base import Solver, _check_positive, options
-from ._common import fresh_state, point
-from ._line_search import armijo
+from ._common import fresh_state, point, search_stop
+from .line_search import Armijo, LineSearchResult
 
 __all__ = ["SaddleFreeNewton", "abs_solve", "woodbury_abs_solve"]
 
@@ -43,6 +43,20 @@ def woodbury_abs_solve(U: Tensor, lam: Tensor, g: Tensor, gamma: float) -> Tenso
     """
     a = lam.abs()
     return (g - U @ ((a / (a + gamma)) * (U.T @ g))) / gamma
+
+
+def _failure(ls: LineSearchResult) -> dict[str, float]:
+    """Log entries of a failed search (floats only: the torch.optim adapter logs them as floats)."""
+    return {"nonfinite": float(ls.status == "nan"), "precision_limit": float(ls.precision_limit)}
+
+
+class _Failed:
+    """A failed search rebuilt from the log (for :func:`search_stop`)."""
+
+    def __init__(self, log: dict[str, Any]) -> None:
+        self.status = "line_search_failed"
+        self.precision_limit = bool(log.get("precision_limit"))
+        self.message = "Armijo line search found no sufficient decrease"
 
 
 @options
@@ -163,9 +177,10 @@ class SaddleFreeNewton(Solver):
             "log": log,
         }
         if log.get("nonfinite"):
-            out.update(status="nan", message="non-finite Hessian eigenpairs; returning the last finite parameters")
+            msg = "non-finite Hessian eigenpairs or trial values; returning the last finite parameters"
+            out.update(status="nan", message=msg)
         elif log.get("failed"):
-            out.update(status="line_search_failed", message="Armijo line search found no decrease")
+            out.update(search_stop(_Failed(log), "saddle-free Newton direction"))
         return out
 
     # ---------------------------------------------------------------- update
@@ -199,22 +214,13 @@ class SaddleFreeNewton(Solver):
 
     def _search(
         self, x: Tensor, f0: Tensor, g: Tensor, d: Tensor, value_at: Callable[[Tensor], Tensor], f_full: Tensor | None
-    ) -> tuple[float, Tensor | None, bool]:
-        """Armijo backtracking on ``d`` (reusing ``f(x + lr·d)`` when already known)."""
-        slope = torch.dot(g, d)
+    ) -> LineSearchResult:
+        """Armijo backtracking on ``d`` from ``lr`` (reusing ``f(x + lr·d)`` when already known)."""
         if not self.line_search:
-            return self.lr, None, True
-        first = {"done": f_full is None}
-
-        def phi(t: float) -> Tensor:
-            if not first["done"] and t == self.lr:
-                first["done"] = True
-                assert f_full is not None
-                return f_full
-            return value_at(x + t * d)
-
-        ls = armijo(phi, f0, slope, self.lr, self.c1, self.shrink, self.max_backtracks)
-        return ls.t, ls.value, ls.success
+            return LineSearchResult(self.lr, None, 0, True)
+        slope = torch.dot(g, d)
+        ls = Armijo(self.c1, self.shrink, self.max_backtracks)
+        return ls.search(lambda t: value_at(x + t * d), f0, slope, self.lr, value_t0=f_full)
 
     def _krylov(
         self,
@@ -253,20 +259,21 @@ class SaddleFreeNewton(Solver):
                     continue
                 if best is None or (fv is not None and float(fv) < float(best[1])):
                     best = (lam, fv, d)
-            if best is None:
+            if best is None:  # every damping gave a non-finite trial
                 if j > 0:
                     break
-                log.update(failed=True, t=0.0)
+                log.update(failed=True, t=0.0, nonfinite=True)
                 return x, f, None, vars_, log, res.n_matvecs
             lam, fv, d = best
-            t, val, ok = self._search(x, f, g_cur, d, value_at, fv)
-            if not ok:
+            ls = self._search(x, f, g_cur, d, value_at, fv)
+            if not ls.success:
                 if j > 0:  # keep the progress of the earlier inner steps
                     break
-                log.update(failed=True, t=0.0)
+                log.update(failed=True, t=0.0, **_failure(ls))
                 return x, f, None, vars_, log, res.n_matvecs
+            t = ls.t
             x = x + t * d
-            f = val if val is not None else value_at(x)
+            f = ls.value if ls.value is not None else value_at(x)
             log["damping"] = float(lam)
         log["t"] = t
         return x, f, None, vars_, log, res.n_matvecs  # the caller recomputes the gradient
@@ -303,11 +310,11 @@ class SaddleFreeNewton(Solver):
         vars_["since_refresh"] = int(vars_["since_refresh"]) + 1
         d = -woodbury_abs_solve(U, lam, g, gamma)
         log: dict[str, Any] = {"damping": gamma, "min_eig": float(lam.min()), "max_eig": float(lam.max())}
-        t, val, ok = self._search(x, f0, g, d, value_at, None)
-        if not ok:
-            log.update(failed=True, t=0.0)
+        ls = self._search(x, f0, g, d, value_at, None)
+        if not ls.success:
+            log.update(failed=True, t=0.0, **_failure(ls))
             vars_["since_refresh"] = self.refresh  # refresh the eigendecomposition next time
             return x, f0, None, vars_, log, mv
-        x_new = x + t * d
-        log["t"] = t
-        return x_new, val if val is not None else value_at(x_new), None, vars_, log, mv
+        x_new = x + ls.t * d
+        log["t"] = ls.t
+        return x_new, ls.value if ls.value is not None else value_at(x_new), None, vars_, log, mv
