@@ -185,7 +185,7 @@ def optim_scenarios(out: dict[str, Any], params: dict, local_batches: list) -> N
 
     out["optim_egn_x"] = run(lambda ps: cl.optim.EGN(ps, damping=0.5, line_search=True, momentum=0.3), rows)
     out["optim_sven_x"] = run(lambda ps: cl.optim.Sven(ps, lr=0.5), rows)
-    out["optim_mfac_x"] = run(lambda ps: cl.optim.MFAC(ps, lr=0.1, ngrads=2, damp=0.1, momentum=0.5), backward, 4)
+    out["optim_mfac_x"] = run(lambda ps: cl.optim.MFAC(ps, lr=0.1, ngrads=2, damping=0.1, momentum=0.5), backward, 4)
     out["optim_sfn_x"] = run(
         lambda ps: cl.optim.SaddleFreeNewton(ps, method="lowrank", k=4, damping=0.1),
         lambda o, p, b: lambda: batch_loss(p, b),
