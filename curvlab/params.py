@@ -214,6 +214,7 @@ class ModuleState:
         self.device = None if device is None else torch.device(device)
         # (owner module, attribute, index into the unique snapshot tensors)
         self._slots: list[tuple[nn.Module, str, int]] = []
+        self._bns: list[nn.Module] = []
         self._pristine: list[Tensor] = []
         self._work: list[Tensor] = []
         self._depth = 0
@@ -233,6 +234,10 @@ class ModuleState:
                         self._pristine.append(buf.detach().clone())
                 self._slots.append((owner, attr, j))
         self._work = [b.clone() for b in self._pristine]
+        # train-mode BatchNorm layers that track running statistics: inside a scope they normalise with
+        # the batch statistics exactly as before, without the in-place update (which would land in the
+        # discarded copies anyway, and which torch.func transforms refuse: "mutate a captured Tensor")
+        self._bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     # ---------------------------------------------------------------- buffers
     @property
@@ -266,14 +271,19 @@ class ModuleState:
                     return
 
     @contextlib.contextmanager
-    def _swapped(self, work: list[Tensor]) -> Iterator[None]:
+    def _swapped(self, work: list[Tensor], freeze: bool = True) -> Iterator[None]:
         olds = [o._buffers[a] for o, a, _ in self._slots]
         versions = [w._version for w in work]
+        frozen = [m for m in self._bns if m.training and m.track_running_stats] if freeze else []
         for o, a, j in self._slots:
             o._buffers[a] = work[j]
+        for m in frozen:
+            m.track_running_stats = False
         try:
             yield
         finally:
+            for m in frozen:
+                m.track_running_stats = True
             for (o, a, _), old in zip(self._slots, olds):
                 o._buffers[a] = old
             if work is self._work:  # written to in place: the next scope gets a fresh copy
@@ -303,7 +313,7 @@ class ModuleState:
                 one state swap once).
         """
         with contextlib.ExitStack() as stack:
-            if buffers and self._slots and self._depth == 0:
+            if buffers and (self._slots or self._bns) and self._depth == 0:
                 stack.enter_context(self._swapped(self._work))
             if key is not None or rng is not None:
                 gens = _generators(self.device)
@@ -362,7 +372,7 @@ class ModuleState:
         try:
             for m in bns:
                 m.momentum = None
-            with self._swapped(work), torch.no_grad():
+            with self._swapped(work, freeze=False), torch.no_grad():
                 run()
         finally:
             for m, mom in zip(bns, momenta):
