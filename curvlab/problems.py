@@ -239,6 +239,8 @@ class Problem:
         Data-parallel, the verdict is shared (one collective): a failure on one rank raises on
         every rank instead of leaving the others waiting in the next collective.
         """
+        if self.distributed and self.data.kind != "none":
+            self.data.n_total()  # collective: data without a sample on any rank raises on every rank
         err: BaseException | None = None
         try:
             first = next(iter(self.data.batches()), EMPTY)

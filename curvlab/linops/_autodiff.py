@@ -400,7 +400,10 @@ class CurvatureBase:
             return
         rows, self._pass = self._pass, []
         widths = {r.numel() for r in rows}
-        sig = torch.stack(rows) if rows and len(widths) == 1 else None
+        if not rows:  # no batch on this rank (an empty shard)
+            sig: Tensor | None = torch.zeros(0, 0, dtype=torch.float64, device=self.x.device)
+        else:
+            sig = torch.stack(rows) if len(widths) == 1 else None
         if self._reference is None:
             self._reference = sig if sig is not None else torch.zeros(0, 0, dtype=torch.float64, device=self.x.device)
             return
@@ -413,8 +416,10 @@ class CurvatureBase:
             )
             self._pending = torch.ones((), dtype=torch.float64, device=self.x.device)
             return
+        # relative to each entry and to its column's typical size (a value near zero, e.g. a loss with
+        # cancelling terms, must not flag the rounding of a re-evaluation)
         tol = torch.finfo(self.spec.dtype).eps ** 0.5
-        scale = ref.abs() + 1e-30
+        scale = ref.abs() + ref.abs().mean(0, keepdim=True) + torch.finfo(torch.float64).tiny
         bad = (sig - ref).abs() > tol * scale
         self._pending = bad.any().to(torch.float64)
         self._bad = bad

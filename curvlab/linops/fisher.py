@@ -34,6 +34,14 @@ from .ggn import OutputCurvature
 
 __all__ = ["FisherOperator", "fisher", "LIKELIHOODS"]
 
+
+def _repeat(y: Any, S: int) -> Any:
+    """``S`` copies of a batch's targets stacked along the sample dimension."""
+    if isinstance(y, Tensor):
+        return y.repeat((S,) + (1,) * (y.ndim - 1)) if y.ndim else y
+    return y
+
+
 #: the predictive distributions ``fisher(kind="mc")`` samples labels from
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 _KINDS = ("empirical", "mc")
@@ -120,17 +128,45 @@ class FisherOperator(OutputCurvature):
             )
         return c
 
+    def _nll(self, o: Tensor, yhat: Any) -> Tensor:
+        """Per-sample negative log-likelihood of labels ``yhat`` (summed over any non-batch position)."""
+        if self.likelihood == "categorical":
+            logp = torch.log_softmax(o, dim=1)
+            if isinstance(yhat, Tensor) and yhat.is_floating_point() and yhat.shape == o.shape:
+                nll = -(yhat * logp).sum(1)
+            else:
+                nll = -logp.gather(1, yhat.long().unsqueeze(1)).squeeze(1)
+        else:  # bernoulli
+            nll = F.binary_cross_entropy_with_logits(o, yhat, reduction="none")
+        return nll.reshape(o.shape[0], -1).sum(1)
+
     def _sampled_gradients(self, o: Tensor, y: Any, i: int) -> Tensor:
-        """``(S, b, ...)``: output gradients of the per-sample losses at ``S`` sampled label sets."""
+        r"""``(S, b, ...)``: output gradients of the losses at ``S`` sampled label sets, scaled to the likelihood.
+
+        For a loss :math:`\ell = s\,(-\log p)` (e.g. a mean over ``c`` logistic outputs, ``s = 1/c``) the
+        Fisher of the loss is :math:`s\,\mathbb E[\nabla(-\log p)\nabla(-\log p)ᵀ] = \mathbb E[g gᵀ]/s`, so the
+        gradients come back divided by :math:`\sqrt s` (``s`` measured per sample as :math:`\ell / (-\log p)`
+        at the sampled labels); the Gaussian likelihood absorbs ``s`` in its variance instead.
+        """
+        S, b = self.mc_samples, o.shape[0]
         gen = torch.Generator(device=o.device).manual_seed(_mix(self.mc_seed, i))
-        out = []
-        for _ in range(self.mc_samples):
-            yhat = self._sample_labels(o, y, gen)
-            with torch.enable_grad():
-                oo = o.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(per_sample_losses(self.loss_fn, oo, yhat).sum(), oo)
-            out.append(g)
-        return torch.stack(out)
+        rep = o.detach().repeat((S,) + (1,) * (o.ndim - 1))  # (S*b, ...): all label sets in one pass
+        y_rep = None if self.likelihood != "gaussian" else _repeat(y, S)
+        yhat = self._sample_labels(rep, _repeat(y, S) if y_rep is None else y_rep, gen)
+        with torch.enable_grad():
+            oo = rep.requires_grad_(True)
+            losses = per_sample_losses(self.loss_fn, oo, yhat)
+            (g,) = torch.autograd.grad(losses.sum(), oo)
+        if self.likelihood != "gaussian":
+            with torch.no_grad():
+                scale = losses.detach() / self._nll(rep.detach(), yhat)
+            if not bool((scale > 0).all()):
+                raise ValueError(
+                    f"fisher(kind='mc', likelihood={self.likelihood!r}): the loss is not a positive multiple of the "
+                    "negative log-likelihood at the sampled labels"
+                )
+            g = g / scale.sqrt().reshape((-1,) + (1,) * (g.ndim - 1))
+        return g.reshape((S, b) + tuple(o.shape[1:]))
 
     # ------------------------------------------------------------- products
     def _q(self, piece: dict[str, Any], U: Tensor, batched: bool) -> Tensor:

@@ -66,7 +66,7 @@ class JacobianOperator(CurvatureBase, LinearOperator):
                     r = self._r(self.x, b)
                 sizes.append(r.numel())
                 res.append(r.reshape(-1))
-                self._record(i, b, r.sum())
+                self._record(i, b, r.abs().sum())  # no cancellation: a robust fingerprint of the rows
         self._end_pass()
         self.sizes = sizes
         self.residuals = torch.cat(res) if res else self.x.new_zeros(0)
@@ -101,7 +101,7 @@ class JacobianOperator(CurvatureBase, LinearOperator):
             if r.numel():
                 raise _independent("residual_fn")
             jt = torch.zeros_like(x)
-        return {"x": x, "r": r, "u0": u0, "jt": jt, "value": r.detach().sum()}
+        return {"x": x, "r": r, "u0": u0, "jt": jt, "value": r.detach().abs().sum()}
 
     def _checked_pieces(self) -> list[dict[str, Any]]:
         """The pieces of one pass, verified against the residual pass of the constructor (no collective)."""

@@ -130,7 +130,9 @@ def _problem(kind, net, X, y):
     if kind == "supervised":
         return cl.SupervisedLoss(net, F.cross_entropy, data=(X, y))
     if kind == "stochastic":
-        return cl.SupervisedLoss(net, lambda o, t: F.cross_entropy(o, t, reduction="none"), data=[(X[:12], y[:12]), (X[12:], y[12:])])
+        return cl.SupervisedLoss(
+            net, lambda o, t: F.cross_entropy(o, t, reduction="none"), data=[(X[:12], y[:12]), (X[12:], y[12:])]
+        )
     if kind == "least_squares":
         return cl.LeastSquares(
             lambda p, b: (torch.func.functional_call(net, p, (b[0],)) - F.one_hot(b[1], 3)).reshape(-1), net, (X, y)
@@ -200,7 +202,9 @@ def test_train_mode_batchnorm_curvature_is_that_of_batch_statistics():
 
     def f(flat):
         p = H.spec.unflatten(flat)
-        return F.cross_entropy(torch.func.functional_call(net, {**p, **{k: v.clone() for k, v in bufs.items()}}, (X,)), y)
+        return F.cross_entropy(
+            torch.func.functional_call(net, {**p, **{k: v.clone() for k, v in bufs.items()}}, (X,)), y
+        )
 
     dense = torch.func.hessian(f)(H.x)
     torch.testing.assert_close(H.to_dense(), dense, rtol=1e-9, atol=1e-11)
