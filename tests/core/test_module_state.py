@@ -173,7 +173,7 @@ def test_optim_adapters_with_module_update_buffers_once_per_step():
         ref = copy.deepcopy(net)
         opt = make([p for p in net.parameters() if p.requires_grad], net)
 
-        def closure(net=net):
+        def closure(net=net, opt=opt):
             out = net(X)
             if isinstance(opt, cl.optim.EGN):
                 return F.cross_entropy(out, y, reduction="none"), out
