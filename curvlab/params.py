@@ -140,31 +140,41 @@ def _derive_seed() -> int:
 
 
 _MATH_DEPTH = [0]
+_SDP = torch.backends.cuda
+_SDP_FLAGS = (
+    (_SDP.flash_sdp_enabled, _SDP.enable_flash_sdp, False),
+    (_SDP.mem_efficient_sdp_enabled, _SDP.enable_mem_efficient_sdp, False),
+    (_SDP.cudnn_sdp_enabled, _SDP.enable_cudnn_sdp, False),
+    (_SDP.math_sdp_enabled, _SDP.enable_math_sdp, True),
+)
 
 
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
     """Select torch's math kernel for ``scaled_dot_product_attention`` (twice differentiable) inside the block.
 
-    The fused kernels (flash / memory-efficient, torch's CPU default) implement one backward
-    only: Hessian-vector products, GGN and Jacobian-vector products through them fail with
-    "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented".
-    Nested blocks cost nothing.
+    The fused kernels (flash / memory-efficient / cuDNN; flash is torch's CPU default) implement
+    one backward only: Hessian-vector products, GGN and Jacobian-vector products through them
+    fail with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented". The block switches torch's global backend flags (the ones
+    :func:`torch.nn.attention.sdpa_kernel` sets) and restores them; nested blocks cost nothing.
     """
     if _MATH_DEPTH[0] > 0:
         yield
         return
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3 has no kernel choice (math only on CPU)
-        yield
-        return
+    prev = [get() for get, _, _ in _SDP_FLAGS]
     _MATH_DEPTH[0] += 1
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
+        for _, set_, on in _SDP_FLAGS:
+            set_(on)
+        yield
     finally:
+        for (_, set_, _), was in zip(_SDP_FLAGS, prev):
+            set_(was)
         _MATH_DEPTH[0] -= 1
+
+
+_math_attention = math_attention  # the scope's option shadows the name
 
 
 class ModuleState:
@@ -218,6 +228,8 @@ class ModuleState:
         self._pristine: list[Tensor] = []
         self._work: list[Tensor] = []
         self._depth = 0
+        self._seed_cache: dict[int, Tensor] = {}
+        self._gens = _generators(self.device)
         if module is not None:
             self._take(module)
 
@@ -270,8 +282,7 @@ class ModuleState:
                     self._take(self.module)
                     return
 
-    @contextlib.contextmanager
-    def _swapped(self, work: list[Tensor], freeze: bool = True) -> Iterator[None]:
+    def _swap_in(self, work: list[Tensor], freeze: bool = True) -> tuple[Any, ...]:
         olds = [o._buffers[a] for o, a, _ in self._slots]
         versions = [w._version for w in work]
         frozen = [m for m in self._bns if m.training and m.track_running_stats] if freeze else []
@@ -279,28 +290,36 @@ class ModuleState:
             o._buffers[a] = work[j]
         for m in frozen:
             m.track_running_stats = False
+        return work, olds, versions, frozen
+
+    def _swap_out(self, token: tuple[Any, ...]) -> None:
+        work, olds, versions, frozen = token
+        for m in frozen:
+            m.track_running_stats = True
+        for (o, a, _), old in zip(self._slots, olds):
+            o._buffers[a] = old
+        if work is self._work:  # written to in place: the next scope gets a fresh copy
+            for j, v in enumerate(versions):
+                if work[j]._version != v:
+                    self._work[j] = self._pristine[j].clone()
+
+    @contextlib.contextmanager
+    def _swapped(self, work: list[Tensor], freeze: bool = True) -> Iterator[None]:
+        token = self._swap_in(work, freeze)
         try:
             yield
         finally:
-            for m in frozen:
-                m.track_running_stats = True
-            for (o, a, _), old in zip(self._slots, olds):
-                o._buffers[a] = old
-            if work is self._work:  # written to in place: the next scope gets a fresh copy
-                for j, v in enumerate(versions):
-                    if work[j]._version != v:
-                        self._work[j] = self._pristine[j].clone()
+            self._swap_out(token)
 
     # ------------------------------------------------------------------ scope
-    @contextlib.contextmanager
     def scope(
         self,
         key: int | None = None,
         *,
         rng: tuple[Any, ...] | None = None,
-        math_attention: bool = False,  # noqa: F811 - the option shares the helper's name
+        math_attention: bool = False,
         buffers: bool = True,
-    ) -> Iterator[None]:
+    ) -> contextlib.AbstractContextManager[None]:
         """Evaluate the block on the snapshot's buffers, keyed random numbers and (optionally) math attention.
 
         Args:
@@ -311,28 +330,24 @@ class ModuleState:
             math_attention: select the math attention kernel (see :func:`math_attention`).
             buffers: swap the snapshot's buffers into the module (default; nested scopes of
                 one state swap once).
-        """
-        with contextlib.ExitStack() as stack:
-            if buffers and (self._slots or self._bns) and self._depth == 0:
-                stack.enter_context(self._swapped(self._work))
-            if key is not None or rng is not None:
-                gens = _generators(self.device)
-                saved = [g.get_state() for g in gens]
-                stack.callback(lambda: [g.set_state(s) for g, s in zip(gens, saved)])
-                if rng is not None:
-                    restore_rng(rng)
-                else:
-                    s = _mix(self.seed, int(key))  # type: ignore[arg-type]
-                    for g in gens:
-                        g.manual_seed(s)
-            if math_attention:
-                stack.enter_context(globals()["math_attention"]())
-            self._depth += 1
-            stack.callback(self._leave)
-            yield
 
-    def _leave(self) -> None:
-        self._depth -= 1
+        Returns:
+            A context manager (a few microseconds to enter and leave: it runs around every
+            evaluation of a user function).
+        """
+        return _Scope(self, key, rng, math_attention, buffers)
+
+    def _seeded_state(self, key: int) -> Tensor:
+        """The CPU generator's state right after seeding with ``(seed, key)`` (cached: set_state is 4x cheaper)."""
+        st = self._seed_cache.get(key)
+        if st is None:
+            g = torch.Generator()
+            g.manual_seed(_mix(self.seed, key))
+            st = g.get_state()
+            if len(self._seed_cache) >= 64:
+                self._seed_cache.pop(next(iter(self._seed_cache)))
+            self._seed_cache[key] = st
+        return st
 
     def call(self, fn: Callable[..., Any], *args: Any, key: int | None = None, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` inside :meth:`scope` ``(key)``."""
@@ -526,6 +541,58 @@ class ParamSpec:
         with torch.no_grad():
             for t, p in zip(self._leaves(target), torch.split(x.detach(), self.numels)):
                 t.copy_(p.view(t.shape))
+
+
+class _Scope:
+    """The context manager of :meth:`ModuleState.scope` (a plain class: it runs around every evaluation)."""
+
+    __slots__ = ("st", "key", "rng", "math", "buffers", "_swap", "_saved", "_kernel")
+
+    def __init__(self, st: ModuleState, key: int | None, rng: Any, math: bool, buffers: bool) -> None:
+        self.st, self.key, self.rng, self.math, self.buffers = st, key, rng, math, buffers
+        self._swap: Any = None
+        self._saved: list[Tensor] | None = None
+        self._kernel: Any = None
+
+    def __enter__(self) -> None:
+        st = self.st
+        if self.buffers and (st._slots or st._bns) and st._depth == 0:
+            self._swap = st._swap_in(st._work)
+        try:
+            if self.key is not None or self.rng is not None:
+                gens = st._gens
+                self._saved = [g.get_state() for g in gens]
+                if self.rng is not None:
+                    restore_rng(self.rng)
+                else:
+                    gens[0].set_state(st._seeded_state(int(self.key)))  # type: ignore[arg-type]
+                    if len(gens) > 1:
+                        s = _mix(st.seed, int(self.key))  # type: ignore[arg-type]
+                        for g in gens[1:]:
+                            g.manual_seed(s)
+            if self.math:
+                self._kernel = _math_attention()
+                self._kernel.__enter__()
+        except BaseException:
+            self._undo()
+            raise
+        st._depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self.st._depth -= 1
+        self._undo(*exc)
+
+    def _undo(self, *exc: Any) -> None:
+        if self._kernel is not None:
+            self._kernel.__exit__(*(exc or (None, None, None)))
+            self._kernel = None
+        if self._saved is not None:
+            for g, state in zip(self.st._gens, self._saved):
+                g.set_state(state)
+            self._saved = None
+        if self._swap is not None:
+            self.st._swap_out(self._swap)
+            self._swap = None
 
 
 def tree_map(fn: Any, tree: Any) -> Any:

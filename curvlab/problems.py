@@ -176,10 +176,15 @@ class Problem:
     def value(self, x: Tensor, batch: Batch = ALL) -> Tensor:
         """Objective at flat ``x``, on one batch or (``ALL``) the whole data; no graph kept."""
         with torch.no_grad():
-            v = self._zero()
+            v: Tensor | None = None
+            scope = self.state.scope
             for b, w, k in self._pairs(batch):
-                with self.state.scope(k):
-                    v = v + self._scalar(self.batch_value(x, b)) * w
+                with scope(k):
+                    t = self._scalar(self.batch_value(x, b))
+                t = t if w == 1.0 else t * w
+                v = t if v is None else v + t
+            if v is None:  # no (non-empty) batch on this rank
+                v = self._zero()
             if self.distributed:
                 v = self._reduce(v.reshape(1), batch).reshape(())
             return v
@@ -193,16 +198,21 @@ class Problem:
         return val, grad
 
     def _local_value_and_grad(self, x: Tensor, pairs: Any) -> tuple[Tensor, Tensor]:
-        val, grad = self._zero(), torch.zeros_like(x)
+        val: Tensor | None = None
+        grad: Tensor | None = None
+        scope = self.state.scope
         for b, w, k in pairs:
-            with torch.enable_grad(), self.state.scope(k):
+            with torch.enable_grad(), scope(k):
                 xl = x.detach().requires_grad_(True)
-                v = self._scalar(self.batch_value(xl, b)) * w
+                v = self._scalar(self.batch_value(xl, b))
+                if w != 1.0:
+                    v = v * w
                 (g,) = torch.autograd.grad(v, xl, allow_unused=True) if v.requires_grad else (None,)
-            val = val + v.detach()
+            v = v.detach()
+            val = v if val is None else val + v
             if g is not None:
-                grad = grad + g
-        return val, grad
+                grad = g if grad is None else grad + g
+        return (self._zero() if val is None else val), (torch.zeros_like(x) if grad is None else grad)
 
     def hessian(self, x: Tensor, batch: Batch = ALL, **kw: Any) -> Any:
         """The Hessian operator of the objective at ``x`` (on a batch or the whole data).

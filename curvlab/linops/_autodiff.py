@@ -499,7 +499,7 @@ class CurvatureBase:
         self._cached = None
 
 
-def warn_train_mode_dropout(model: Any, what: str) -> None:
+def warn_train_mode_dropout(model: Any, what: str, stacklevel: int = 3) -> None:
     """Warn once per call site when an operator is built on a module in train mode with active dropout."""
     if not isinstance(model, nn.Module) or not model.training:
         return
@@ -516,5 +516,5 @@ def warn_train_mode_dropout(model: Any, what: str) -> None:
             "fixed per batch (the same in every product). Call model.eval() for the curvature of the "
             "deterministic network.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )

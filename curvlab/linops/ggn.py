@@ -61,7 +61,7 @@ class OutputCurvature(CurvatureBase, LinearOperator):
         if data is None:
             raise ValueError("data must hold (inputs, targets) batches: one batch or an iterable of batches")
         if state is None:  # a problem's operators follow the mode the user chose for training
-            warn_train_mode_dropout(model, what)
+            warn_train_mode_dropout(model, what, stacklevel=4)
         self._setup(
             params,
             data,
