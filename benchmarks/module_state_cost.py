@@ -67,11 +67,17 @@ def main() -> None:
         v = 0.5 * (r * r).sum() / r.shape[0]
         return torch.autograd.grad(v, z)
 
-    rows.append(("least squares value_and_grad (2 params)", timeit(lambda: lsq.value_and_grad(x), R), timeit(bare_lsq, R)))
+    rows.append(
+        ("least squares value_and_grad (2 params)", timeit(lambda: lsq.value_and_grad(x), R), timeit(bare_lsq, R))
+    )
 
     # 2. BatchNorm + Dropout MLP, train mode, one batch
     net = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)
+        torch.nn.Linear(16, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(32, 4),
     )
     X, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     sup = cl.SupervisedLoss(net, F.cross_entropy, data=(X, y))
@@ -84,7 +90,9 @@ def main() -> None:
         loss = F.cross_entropy(torch.func.functional_call(net, p, (X,)), y)
         return torch.autograd.grad(loss, z)
 
-    rows.append(("BN+dropout MLP value_and_grad (1,348 params)", timeit(lambda: sup.value_and_grad(xs), R), timeit(bare_sup, R)))
+    rows.append(
+        ("BN+dropout MLP value_and_grad (1,348 params)", timeit(lambda: sup.value_and_grad(xs), R), timeit(bare_sup, R))
+    )
 
     # 3. determinism check on an uncached Hessian over 8 batches
     Xd, yd = load_digits(return_X_y=True)
@@ -96,7 +104,13 @@ def main() -> None:
     H_off = cl.linops.hessian(mlp, F.cross_entropy, data=batches, check_deterministic=False)
     v = torch.randn(H_on.shape[0])
     r3 = max(5, R // 20)
-    rows.append(("uncached Hessian product, 8 batches (checked vs not)", timeit(lambda: H_on @ v, r3), timeit(lambda: H_off @ v, r3)))
+    rows.append(
+        (
+            "uncached Hessian product, 8 batches (checked vs not)",
+            timeit(lambda: H_on @ v, r3),
+            timeit(lambda: H_off @ v, r3),
+        )
+    )
 
     # 4. one scope on its own
     plain, bn = ModuleState(None), ModuleState(net)
