@@ -20,7 +20,6 @@ Run:  OMP_NUM_THREADS=1 python benchmarks/module_state_cost.py [--repeats 200]
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -33,6 +32,7 @@ from curvlab.params import ModuleState
 
 
 def timeit(fn: Callable[[], object], repeats: int) -> float:
+    """Minimum of ``repeats`` timings (the least disturbed by other load on a shared machine)."""
     for _ in range(3):
         fn()
     ts = []
@@ -40,7 +40,21 @@ def timeit(fn: Callable[[], object], repeats: int) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return min(ts)
+
+
+def pair(fa: Callable[[], object], fb: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """``(min time of fa, min time of fb)`` from interleaved runs, so both see the same machine load."""
+    for _ in range(3):
+        fa()
+        fb()
+    ts: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(repeats):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):  # alternate the order: no first-position bias
+            t0 = time.perf_counter()
+            (fa, fb)[j]()
+            ts[j].append(time.perf_counter() - t0)
+    return min(ts[0]), min(ts[1])
 
 
 def main() -> None:
@@ -67,9 +81,7 @@ def main() -> None:
         v = 0.5 * (r * r).sum() / r.shape[0]
         return torch.autograd.grad(v, z)
 
-    rows.append(
-        ("least squares value_and_grad (2 params)", timeit(lambda: lsq.value_and_grad(x), R), timeit(bare_lsq, R))
-    )
+    rows.append(("least squares value_and_grad (2 params)", *pair(lambda: lsq.value_and_grad(x), bare_lsq, R)))
 
     # 2. BatchNorm + Dropout MLP, train mode, one batch
     net = torch.nn.Sequential(
@@ -90,9 +102,7 @@ def main() -> None:
         loss = F.cross_entropy(torch.func.functional_call(net, p, (X,)), y)
         return torch.autograd.grad(loss, z)
 
-    rows.append(
-        ("BN+dropout MLP value_and_grad (1,348 params)", timeit(lambda: sup.value_and_grad(xs), R), timeit(bare_sup, R))
-    )
+    rows.append(("BN+dropout MLP value_and_grad (1,348 params)", *pair(lambda: sup.value_and_grad(xs), bare_sup, R)))
 
     # 3. determinism check on an uncached Hessian over 8 batches
     Xd, yd = load_digits(return_X_y=True)
@@ -103,13 +113,9 @@ def main() -> None:
     H_on = cl.linops.hessian(mlp, F.cross_entropy, data=batches)
     H_off = cl.linops.hessian(mlp, F.cross_entropy, data=batches, check_deterministic=False)
     v = torch.randn(H_on.shape[0])
-    r3 = max(5, R // 20)
+    r3 = max(10, R // 10)
     rows.append(
-        (
-            "uncached Hessian product, 8 batches (checked vs not)",
-            timeit(lambda: H_on @ v, r3),
-            timeit(lambda: H_off @ v, r3),
-        )
+        ("uncached Hessian product, 8 batches (checked vs not)", *pair(lambda: H_on @ v, lambda: H_off @ v, r3))
     )
 
     # 4. one scope on its own
