@@ -27,7 +27,7 @@ from .linops import hessian as _hessian
 from .linops._autodiff import _independent, call_model, loss_value, per_sample_losses, split_supervised_batch
 from .linops.ggn import GGNOperator, ggn
 from .linops.jacobian import JacobianOperator, jacobian
-from .params import ParamSpec, batch_key
+from .params import ModuleState, ParamSpec, batch_key
 
 __all__ = ["Problem", "Minimize", "LeastSquares", "SupervisedLoss", "ALL", "MatrixSensing", "matrix_sensing"]
 
@@ -41,7 +41,7 @@ ALL: Any = _All()
 """Sentinel: evaluate on the whole dataset (every batch, weighted) rather than one batch."""
 
 _BUFFER_POLICIES = ("keep", "update")
-_DRAWS_KEPT = 16
+_DRAWS_KEPT = 4  # the batches of the last few draws are kept (their ids key the random numbers)
 
 
 class Problem:
@@ -68,6 +68,8 @@ class Problem:
         module: the module whose buffers the function reads, when ``params`` are tensors taken
             from it (a module ``params`` is its own).
         buffers: ``"keep"`` (default) or ``"update"`` (see above; needs a module ``params``).
+        seed: base seed of the keyed random numbers (default: drawn from torch's generator at creation
+            without advancing it). Give it to resume a run with dropout bit-identically in a new process.
 
     Attributes:
         spec: the :class:`~curvlab.params.ParamSpec` of the parameters.
@@ -84,9 +86,12 @@ class Problem:
         *,
         module: nn.Module | None = None,
         buffers: str = "keep",
+        seed: int | None = None,
     ) -> None:
         check_choice(buffers, "buffers", _BUFFER_POLICIES)
         self.spec = ParamSpec(params, "params", module=module)
+        if seed is not None:
+            self.spec.state = ModuleState(self.spec.state.module, seed=seed, device=self.spec.device)
         self.state = self.spec.state
         self.x0 = self.spec.flatten()
         self.data = Data(data, "mean", batch_size_fn)
@@ -304,6 +309,7 @@ class Minimize(Problem):
             (e.g. ``dict(model.named_parameters())``); a module ``params`` is its own.
         buffers: ``"keep"`` (the returned module carries the user's buffers, the default) or
             ``"update"`` (buffers recomputed at the solution, see :class:`Problem`).
+        seed: base seed of the keyed random numbers (dropout masks), see :class:`Problem`.
 
     Raises:
         TypeError: if ``loss`` is not callable or ``params`` has an unsupported type.
@@ -326,10 +332,11 @@ class Minimize(Problem):
         *,
         module: nn.Module | None = None,
         buffers: str = "keep",
+        seed: int | None = None,
     ) -> None:
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}")
-        super().__init__(params, data, batch_size_fn, module=module, buffers=buffers)
+        super().__init__(params, data, batch_size_fn, module=module, buffers=buffers, seed=seed)
         self.loss = loss
         self._check()
 
@@ -354,6 +361,7 @@ class LeastSquares(Problem):
             (e.g. ``dict(model.named_parameters())``); a module ``params`` is its own.
         buffers: ``"keep"`` (the returned module carries the user's buffers, the default) or
             ``"update"`` (buffers recomputed at the solution, see :class:`Problem`).
+        seed: base seed of the keyed random numbers (dropout masks), see :class:`Problem`.
 
     Raises:
         TypeError: if ``residuals`` is not callable or does not return a tensor.
@@ -371,10 +379,11 @@ class LeastSquares(Problem):
         *,
         module: nn.Module | None = None,
         buffers: str = "keep",
+        seed: int | None = None,
     ) -> None:
         if not callable(residuals):
             raise TypeError(f"residuals must be callable, got {type(residuals).__name__}")
-        super().__init__(params, data, batch_size_fn, module=module, buffers=buffers)
+        super().__init__(params, data, batch_size_fn, module=module, buffers=buffers, seed=seed)
         self.residual_fn = residuals
         self._check()
 
@@ -440,6 +449,7 @@ class SupervisedLoss(Problem):
         batch_size_fn: number of samples in a batch (default: leading dimension).
         buffers: ``"keep"`` (the returned module carries the user's buffers, the default) or
             ``"update"`` (buffers recomputed at the solution, see :class:`Problem`).
+        seed: base seed of the keyed random numbers (dropout masks), see :class:`Problem`.
 
     Raises:
         TypeError: if ``model`` or ``loss`` is not callable.
@@ -460,6 +470,7 @@ class SupervisedLoss(Problem):
         batch_size_fn: Callable[[Batch], int] | None = None,
         *,
         buffers: str = "keep",
+        seed: int | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable or an nn.Module, got {type(model).__name__}")
@@ -477,6 +488,7 @@ class SupervisedLoss(Problem):
             batch_size_fn,
             module=model if isinstance(model, nn.Module) and model is not params else None,
             buffers=buffers,
+            seed=seed,
         )
         self.model, self.loss = model, loss
         self._check()

@@ -283,3 +283,15 @@ def test_module_state_scope_rng_and_tied_buffers():
     with pytest.raises(TypeError, match="seed"):
         ModuleState(None, seed=1.5)
     assert ModuleState(None, seed=4).seed == 4
+
+
+def test_problem_seed_fixes_the_masks_across_problem_objects():
+    net = _net()
+    X, y = _data()
+    data = [(X[:12], y[:12]), (X[12:], y[12:])]
+    a = cl.SupervisedLoss(net, F.cross_entropy, data=data, seed=11)
+    torch.manual_seed(123)  # another global state: the seed alone decides
+    b = cl.SupervisedLoss(net, F.cross_entropy, data=data, seed=11)
+    c = cl.SupervisedLoss(net, F.cross_entropy, data=data, seed=12)
+    ga, gb, gc = (p.value_and_grad(p.x0, p.draw(3))[1] for p in (a, b, c))
+    assert torch.equal(ga, gb) and not torch.equal(ga, gc)
