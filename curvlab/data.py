@@ -14,6 +14,12 @@ batch ``b`` with ``n_b`` samples enters with weight ``n_b / N`` (its function
 returns the batch mean), unless ``reduction="sum"`` (weight 1). ``n_b`` is the
 leading dimension of the batch's first tensor, or ``batch_size_fn(batch)``.
 
+Empty batches (no samples) are skipped everywhere: they add nothing to a mean or a sum,
+and evaluating a model on them gives NaN (a mean over nothing) or fails (BatchNorm). Data
+whose every batch is empty is an error — except for one rank's shard of a data-parallel
+run, which then contributes nothing and still takes part in every collective (a rank's
+stream of an empty shard yields :data:`EMPTY`).
+
 Data-parallel (see :mod:`curvlab.distributed`): a :class:`Data` created while a process
 group is active holds this rank's shard; ``N`` is the global sample count (all-reduced
 once), one batch on a rank weighs ``n_b / N`` too, and ``None`` data weighs ``1/world_size``
@@ -32,6 +38,20 @@ from . import distributed as _dist
 from .params import tree_leaves
 
 Batch = Any
+
+
+class _Empty:
+    """The batch of a data-parallel rank whose shard holds no sample (it contributes nothing)."""
+
+    def __repr__(self) -> str:
+        return "EMPTY"
+
+    def __reduce__(self) -> str:
+        return "EMPTY"
+
+
+EMPTY: Any = _Empty()
+"""The batch a data-parallel rank with an empty shard draws: no samples, zero weight."""
 
 
 def is_single_batch(data: Any) -> bool:
@@ -84,7 +104,7 @@ class Data:
         self.raw = data
         if data is None:
             self.kind = "none"
-        elif is_single_batch(data):
+        elif data is EMPTY or is_single_batch(data):
             self.kind = "batch"
         elif isinstance(data, Iterable):
             if isinstance(data, Iterator):
@@ -107,14 +127,34 @@ class Data:
         """Whether the data is an iterable of several batches."""
         return self.kind == "iterable"
 
+    def is_empty(self, batch: Batch) -> bool:
+        """Whether ``batch`` holds no sample (:data:`EMPTY`, or a batch of size 0)."""
+        if batch is EMPTY:
+            return True
+        if batch is None:
+            return False
+        try:
+            return int(self.batch_size_fn(batch)) == 0
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return False
+
     def batches(self) -> Iterator[Batch]:
-        """One pass over the data (``None`` once when there is no data)."""
+        """One pass over the data (``None`` once when there is no data); empty batches are skipped.
+
+        Raises:
+            ValueError: (not data-parallel) every batch is empty.
+        """
         if self.kind == "none":
             yield None
-        elif self.kind == "batch":
-            yield self.raw
-        else:
-            yield from self.raw
+            return
+        found = False
+        for b in [self.raw] if self.kind == "batch" else self.raw:
+            if self.is_empty(b):
+                continue
+            found = True
+            yield b
+        if not found and not self.distributed:
+            raise ValueError("data holds no sample: every batch is empty")
 
     def n_total(self) -> int:
         """Total number of samples (one pass over the data, cached; summed over the ranks when data-parallel)."""
@@ -127,7 +167,7 @@ class Data:
                     n = int(_dist.all_reduce_sum(n))
                 self._n_total = n
                 if self._n_total == 0:
-                    raise ValueError("data holds no batch")
+                    raise ValueError("data holds no sample: every batch is empty (on every rank)")
         return self._n_total
 
     def weighted_batches(self) -> Iterator[tuple[Batch, float]]:
@@ -156,11 +196,20 @@ class Data:
             yield b, self.batch_size_fn(b) / n
 
     def local_size(self, batch: Batch) -> int:
-        """Samples in ``batch`` (1 for ``None``): the weight of this rank's batch in a cross-rank mean."""
-        return 1 if batch is None else int(self.batch_size_fn(batch))
+        """Samples in ``batch`` (1 for ``None``, 0 for :data:`EMPTY`): its weight in a cross-rank mean."""
+        if batch is None:
+            return 1
+        if batch is EMPTY:
+            return 0
+        return int(self.batch_size_fn(batch))
 
     def stream(self, start: int = 0) -> Iterator[Batch]:
-        """Endless stream of batches, epoch after epoch, skipping the first ``start`` draws."""
+        """Endless stream of non-empty batches, epoch after epoch, skipping the first ``start`` draws.
+
+        Raises:
+            ValueError: (not data-parallel) every batch is empty. A data-parallel rank whose
+                shard is empty draws :data:`EMPTY` instead.
+        """
         if self.kind != "iterable":
             while True:
                 yield self.raw
@@ -168,12 +217,17 @@ class Data:
         while True:
             empty = True
             for b in self.raw:
+                if self.is_empty(b):
+                    continue
                 empty = False
                 if count >= start:
                     yield b
                 count += 1
             if empty:
-                raise ValueError("data holds no batch")
+                if not self.distributed:
+                    raise ValueError("data holds no sample: every batch is empty")
+                while True:
+                    yield EMPTY
 
 
 class Stream:
@@ -200,6 +254,7 @@ class Stream:
         self._it: Iterator[Batch] | None = None
         self._pos = 0
         self._last: tuple[int, Batch] | None = None
+        self._full: list[Batch] | None = None  # the non-empty batches of a list
 
     def draw(self, position: int) -> Batch:
         """The batch at draw number ``position``."""
@@ -207,7 +262,13 @@ class Stream:
             return self.data.raw
         raw = self.data.raw
         if isinstance(raw, (list, tuple)):
-            return raw[position % len(raw)]
+            if self._full is None:
+                self._full = [b for b in raw if not self.data.is_empty(b)]
+            if not self._full:
+                if self.data.distributed:
+                    return EMPTY
+                raise ValueError("data holds no sample: every batch is empty")
+            return self._full[position % len(self._full)]
         if self._last is not None and self._last[0] == position:
             return self._last[1]
         if self._it is None or self._pos != position:
@@ -219,7 +280,7 @@ class Stream:
         return batch
 
     def __getstate__(self) -> dict[str, Any]:  # a live iterator cannot be pickled or deep-copied
-        return {"data": self.data, "_it": None, "_pos": 0, "_last": None}
+        return {"data": self.data, "_it": None, "_pos": 0, "_last": None, "_full": None}
 
 
 def call(fn: Callable[..., Any], params: Any, batch: Batch, nargs_hint: int | None = None) -> Any:

@@ -169,7 +169,8 @@ def all_gather_cat(t: Tensor, dim: int = 0) -> Tensor:
     """The ranks' tensors concatenated along ``dim`` in rank order (``t`` itself without a group).
 
     The tensors may differ in size along ``dim`` (they are padded for the transfer);
-    the other dimensions must agree.
+    the other dimensions must agree, except on ranks that hold no row (an empty shard),
+    whose tensor takes the others' shape.
 
     Args:
         t: this rank's tensor.
@@ -177,23 +178,44 @@ def all_gather_cat(t: Tensor, dim: int = 0) -> Tensor:
 
     Returns:
         The concatenation, on ``t``'s device.
+
+    Raises:
+        ValueError: ranks with rows disagree on the other dimensions.
     """
     if not is_distributed():
         return t
     dev = _comm_device(t)
-    x = t.detach().to(dev).movedim(dim, 0).contiguous()
+    d = dim % t.ndim if t.ndim else 0
+    x = t.detach().to(dev).movedim(d, 0).contiguous() if t.ndim else t.detach().to(dev).reshape(1)
     W = world_size()
-    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(W)]
-    torch.distributed.all_gather(sizes, n)
-    counts = [int(s) for s in torch.cat(sizes).tolist()]
+    # one small collective carries every rank's shape (rows first), so empty ranks can adopt the others'
+    shape = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64, device=dev)
+    if x.ndim > _MAX_DIMS:
+        raise ValueError(f"all_gather_cat supports up to {_MAX_DIMS} dimensions, got {x.ndim}")
+    shape[0] = x.ndim
+    shape[1 : 1 + x.ndim] = torch.tensor(x.shape, dtype=torch.int64)
+    shapes_l = [torch.zeros_like(shape) for _ in range(W)]
+    torch.distributed.all_gather(shapes_l, shape)
+    shapes = [[int(v) for v in s[1 : 1 + int(s[0])].tolist()] for s in shapes_l]
+    counts = [s[0] for s in shapes]
+    full = [s[1:] for s in shapes if s[0] > 0]
+    if any(f != full[0] for f in full):
+        raise ValueError(f"all_gather_cat: the ranks' tensors differ beyond dimension {dim}: {shapes}")
+    trailing = full[0] if full else list(x.shape[1:])
+    if x.shape[0] == 0 and list(x.shape[1:]) != trailing:
+        x = x.new_zeros((0, *trailing))
     m = max(counts)
+    if m == 0:
+        return x.movedim(0, d).to(t.device) if t.ndim else t
     if x.shape[0] < m:
         x = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
     parts = [torch.empty_like(x) for _ in range(W)]
     torch.distributed.all_gather(parts, x)
     out = torch.cat([p[:c] for p, c in zip(parts, counts)])
-    return out.movedim(0, dim).to(t.device)
+    return out.movedim(0, d).to(t.device)
+
+
+_MAX_DIMS = 8
 
 
 def broadcast(t: Tensor, src: int = 0) -> Tensor:

@@ -13,19 +13,21 @@ results are averaged weighted by the batches' sample counts (the global mini-bat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
-from .data import Batch, Data, Stream
+from .checks import check_choice
+from .data import EMPTY, Batch, Data, Stream
 from .linops import hessian as _hessian
-from .linops._autodiff import call_model, per_sample_losses, split_supervised_batch
+from .linops._autodiff import _independent, call_model, loss_value, per_sample_losses, split_supervised_batch
 from .linops.ggn import GGNOperator, ggn
 from .linops.jacobian import JacobianOperator, jacobian
-from .params import ParamSpec
+from .params import ParamSpec, batch_key
 
 __all__ = ["Problem", "Minimize", "LeastSquares", "SupervisedLoss", "ALL", "MatrixSensing", "matrix_sensing"]
 
@@ -38,25 +40,67 @@ class _All:
 ALL: Any = _All()
 """Sentinel: evaluate on the whole dataset (every batch, weighted) rather than one batch."""
 
+_BUFFER_POLICIES = ("keep", "update")
+_DRAWS_KEPT = 16
+
 
 class Problem:
     """Common machinery of the problem types.
 
+    Module state (the contract of :mod:`curvlab.params`): every evaluation of the user's
+    function runs inside the problem's :class:`~curvlab.params.ModuleState` scope. The module's
+    buffers are a snapshot taken at creation — no evaluation, trial point or curvature product
+    writes into the user's module (a train-mode BatchNorm normalises with each batch's own
+    statistics; its running statistics are neither used nor updated). Random numbers are keyed
+    by the batch: a drawn mini-batch by its draw number, batch ``i`` of a pass over the data by
+    :func:`~curvlab.params.batch_key` ``(i)``; so the starting point of a step, its trial points
+    and its curvature products see the same dropout masks, the next mini-batch new ones, and a
+    deterministic solve a fixed objective. The returned module (``Result.params``) carries the
+    user's own buffers (``buffers="keep"``) or, with ``buffers="update"``, buffers recomputed at
+    the final parameters by one pass over the data (BatchNorm statistics of the whole data as a
+    cumulative average, as :func:`torch.optim.swa_utils.update_bn`; averaged over the ranks when
+    data-parallel).
+
+    Args:
+        params: the starting point (see :class:`~curvlab.params.ParamSpec`).
+        data: ``None``, one batch, or an iterable of batches (empty batches are skipped).
+        batch_size_fn: number of samples in a batch (default: leading dimension).
+        module: the module whose buffers the function reads, when ``params`` are tensors taken
+            from it (a module ``params`` is its own).
+        buffers: ``"keep"`` (default) or ``"update"`` (see above; needs a module ``params``).
+
     Attributes:
         spec: the :class:`~curvlab.params.ParamSpec` of the parameters.
+        state: the :class:`~curvlab.params.ModuleState` every evaluation runs under.
         x0: the starting point as a flat vector (a copy; the user's tensors are never modified).
         data: the :class:`~curvlab.data.Data` view of ``data``.
     """
 
-    def __init__(self, params: Any, data: Any, batch_size_fn: Callable[[Batch], int] | None = None) -> None:
-        self.spec = ParamSpec(params, "params")
+    def __init__(
+        self,
+        params: Any,
+        data: Any,
+        batch_size_fn: Callable[[Batch], int] | None = None,
+        *,
+        module: nn.Module | None = None,
+        buffers: str = "keep",
+    ) -> None:
+        check_choice(buffers, "buffers", _BUFFER_POLICIES)
+        self.spec = ParamSpec(params, "params", module=module)
+        self.state = self.spec.state
         self.x0 = self.spec.flatten()
         self.data = Data(data, "mean", batch_size_fn)
         self._stream = Stream(self.data)
+        self._drawn: OrderedDict[int, tuple[Batch, int]] = OrderedDict()
+        self.buffers = buffers
+        if buffers == "update":
+            if self.spec.kind != "module":
+                raise ValueError("buffers='update' needs params to be an nn.Module (the module that comes back)")
+            self.spec.buffer_update = self._recompute_buffers
 
     # ------------------------------------------------------------ to override
     def batch_value(self, x: Tensor, batch: Batch) -> Tensor:
-        """The objective on one batch (a differentiable scalar)."""
+        """The objective on one batch (a differentiable scalar); called inside :meth:`scope`."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ data
@@ -70,9 +114,35 @@ class Problem:
 
         Positions are counted from the start of the run, so a resumed solver (its
         state stores the count) sees the same batches as an uninterrupted one,
-        as long as iterating over ``data`` is deterministic.
+        as long as iterating over ``data`` is deterministic. Empty batches are skipped; a
+        data-parallel rank with an empty shard draws :data:`~curvlab.data.EMPTY`. The batch's
+        random-number key is its position (:meth:`key`).
         """
-        return self._stream.draw(position)
+        batch = self._stream.draw(position)
+        self._drawn.pop(id(batch), None)
+        self._drawn[id(batch)] = (batch, int(position))
+        while len(self._drawn) > _DRAWS_KEPT:
+            self._drawn.popitem(last=False)
+        return batch
+
+    def key(self, batch: Batch) -> int:
+        """Random-number key of one batch: its draw number when it was drawn, else that of batch 0."""
+        hit = self._drawn.get(id(batch))
+        if hit is not None and hit[0] is batch:
+            return hit[1]
+        return batch_key(0)
+
+    def scope(self, batch: Batch, *, math_attention: bool = False) -> Any:
+        """The :class:`~curvlab.params.ModuleState` scope user functions on one ``batch`` (not ``ALL``) run in."""
+        return self.state.scope(self.key(batch), math_attention=math_attention)
+
+    def _pairs(self, batch: Batch) -> Iterator[tuple[Batch, float, int]]:
+        """``(batch, weight, key)``: every (non-empty) batch of the data for ``ALL``, else ``batch`` itself."""
+        if batch is ALL:
+            for i, (b, w) in enumerate(self.data.weighted_batches()):
+                yield b, w, batch_key(i)
+        elif batch is None or not self.data.is_empty(batch):
+            yield batch, 1.0, self.key(batch)
 
     # --------------------------------------------------------------- values
     def _scalar(self, v: Any) -> Tensor:
@@ -91,7 +161,8 @@ class Problem:
         Over the data (``ALL``) the parts already carry global batch weights and are summed.
         On one batch each rank's parts are weighted by its batch's sample count ``n_r`` and
         the sum divided by :math:`\sum_r n_r` (one collective), giving the objective on the
-        union of the ranks' batches — the global mini-batch.
+        union of the ranks' batches — the global mini-batch. A rank with an empty batch
+        contributes nothing (``n_r = 0``) and still takes part.
         """
         if batch is ALL:
             return _dist.all_reduce_sum(parts)  # type: ignore[return-value]
@@ -99,73 +170,116 @@ class Problem:
         tot = _dist.all_reduce_sum(torch.cat([parts * n, parts.new_full((1,), n)]))
         return tot[:-1] / tot[-1]  # type: ignore[index]
 
+    def _zero(self) -> Tensor:
+        return torch.zeros((), dtype=self.spec.dtype, device=self.spec.device)
+
     def value(self, x: Tensor, batch: Batch = ALL) -> Tensor:
         """Objective at flat ``x``, on one batch or (``ALL``) the whole data; no graph kept."""
         with torch.no_grad():
-            if batch is ALL:
-                v = sum(self.batch_value(x, b) * w for b, w in self.data.weighted_batches())
-            else:
-                v = self.batch_value(x, batch)
+            v: Tensor | None = None
+            scope = self.state.scope
+            for b, w, k in self._pairs(batch):
+                with scope(k):
+                    t = self._scalar(self.batch_value(x, b))
+                t = t if w == 1.0 else t * w
+                v = t if v is None else v + t
+            if v is None:  # no (non-empty) batch on this rank
+                v = self._zero()
             if self.distributed:
-                v = self._reduce(v.reshape(1), batch).reshape(())  # type: ignore[union-attr]
-            return v  # type: ignore[return-value]
+                v = self._reduce(v.reshape(1), batch).reshape(())
+            return v
 
     def value_and_grad(self, x: Tensor, batch: Batch = ALL) -> tuple[Tensor, Tensor]:
         """Objective and its gradient (flat) at ``x`` (all-reduced in one collective when data-parallel)."""
-        pairs = self.data.weighted_batches() if batch is ALL else [(batch, 1.0)]
-        val, grad = self._local_value_and_grad(x, pairs)
+        val, grad = self._local_value_and_grad(x, self._pairs(batch))
         if self.distributed:
             both = self._reduce(torch.cat([grad.reshape(-1), val.reshape(1).to(grad.dtype)]), batch)
             return both[-1].to(val.dtype), both[:-1]
         return val, grad
 
     def _local_value_and_grad(self, x: Tensor, pairs: Any) -> tuple[Tensor, Tensor]:
-        val, grad = None, None
-        for b, w in pairs:
-            with torch.enable_grad():
+        val: Tensor | None = None
+        grad: Tensor | None = None
+        scope = self.state.scope
+        for b, w, k in pairs:
+            with torch.enable_grad(), scope(k):
                 xl = x.detach().requires_grad_(True)
-                v = self.batch_value(xl, b) * w
-                (g,) = torch.autograd.grad(v, xl, allow_unused=True)
-            g = torch.zeros_like(x) if g is None else g
-            val = v.detach() if val is None else val + v.detach()
-            grad = g if grad is None else grad + g
-        assert val is not None and grad is not None
-        return val, grad
+                v = self._scalar(self.batch_value(xl, b))
+                if w != 1.0:
+                    v = v * w
+                (g,) = torch.autograd.grad(v, xl, allow_unused=True) if v.requires_grad else (None,)
+            v = v.detach()
+            val = v if val is None else val + v
+            if g is not None:
+                grad = g if grad is None else grad + g
+        return (self._zero() if val is None else val), (torch.zeros_like(x) if grad is None else grad)
 
     def hessian(self, x: Tensor, batch: Batch = ALL, **kw: Any) -> Any:
         """The Hessian operator of the objective at ``x`` (on a batch or the whole data).
 
         The returned :class:`~curvlab.linops.HessianOperator` also carries ``.value`` and
-        ``.gradient`` at ``x``.
+        ``.gradient`` at ``x``; it evaluates under the problem's module state with the batch's
+        random-number key, so its products see the masks of :meth:`value_and_grad` on ``batch``.
         """
-        f = self._flat_f(batch)
-        if batch is ALL and self.data.kind == "iterable":
-            return _hessian(lambda z, b: self.batch_value(z, b), x, data=self.data, **kw)
-        if self.distributed:  # weight this rank's batch by its samples, not 1/world_size
-            if batch is ALL and self.data.kind == "batch":
-                return _hessian(lambda z, b: self.batch_value(z, b), x, data=self.data, **kw)
-            if batch is not ALL and batch is not None:
-                return _hessian(lambda z, b: self.batch_value(z, b), x, data=batch, **kw)
-        return _hessian(f, x, **kw)
-
-    def _flat_f(self, batch: Batch) -> Callable[[Tensor], Tensor]:
+        kw.setdefault("state", self.state)
         if batch is ALL:
-            b = None if self.data.kind == "none" else self.data.raw
-        else:
-            b = batch
-        return lambda z: self.batch_value(z, b)
+            return _hessian(self._flat_f, x, data=self.data, **kw)
+        data = EMPTY if batch is not None and self.data.is_empty(batch) else batch
+        return _hessian(self._flat_f, x, data=data, key=self.key(batch), **kw)
+
+    def _flat_f(self, z: Tensor, batch: Batch = None) -> Tensor:
+        return self.batch_value(z, batch)
+
+    def _recompute_buffers(self, x: Tensor) -> dict[str, Tensor]:
+        """The module's buffers at ``x`` after one pass over the data (``buffers="update"``)."""
+
+        def run() -> None:
+            for i, (b, _) in enumerate(self.data.weighted_batches()):
+                with self.state.scope(batch_key(i), buffers=False):
+                    self.batch_value(x, b)
+
+        new = self.state.recompute(run)
+        if self.distributed:
+            new = {k: (_dist.all_reduce_mean(v) if v.is_floating_point() else v) for k, v in new.items()}
+        return new  # type: ignore[return-value]
 
     def _check(self) -> None:
-        """Evaluate the objective once on the first batch to turn misuse into clear errors."""
-        batch = next(iter(self.data.batches()))
+        """Evaluate the objective once (with its gradient) on the first batch to turn misuse into clear errors.
+
+        Data-parallel, the verdict is shared (one collective): a failure on one rank raises on
+        every rank instead of leaving the others waiting in the next collective.
+        """
+        if self.distributed and self.data.kind != "none":
+            self.data.n_total()  # collective: data without a sample on any rank raises on every rank
+        err: BaseException | None = None
         try:
-            v = self.batch_value(self.x0, batch)
-        except (RuntimeError, IndexError) as e:
-            raise ValueError(
-                f"evaluating the objective at params on the first batch of data failed: {e}. "
-                "Check that the data batches fit the parameters' shapes"
-            ) from e
-        self._scalar(v)
+            first = next(iter(self.data.batches()), EMPTY)
+            if first is not EMPTY:
+                self._check_batch(first)
+        except (ValueError, TypeError) as e:
+            err = e
+        if self.distributed:
+            failed = _dist.all_reduce_sum(0.0 if err is None else 1.0)
+            if failed and err is None:
+                raise ValueError("the objective failed its first evaluation on another rank (see that rank's error)")
+        if err is not None:
+            raise err
+
+    def _check_batch(self, batch: Batch) -> None:
+        with torch.enable_grad(), self.state.scope(batch_key(0)):
+            xl = self.x0.clone().requires_grad_(True)
+            try:
+                v = self._scalar(self.batch_value(xl, batch))
+            except (RuntimeError, IndexError) as e:
+                raise ValueError(
+                    f"evaluating the objective at params on the first batch of data failed: {e}. "
+                    "Check that the data batches fit the parameters' shapes"
+                ) from e
+            g = torch.autograd.grad(v, xl, allow_unused=True)[0] if v.requires_grad else None
+        if g is None:
+            raise _independent(f"the {self._objective_name}")
+
+    _objective_name = "loss"
 
 
 def _call(fn: Callable[..., Any], p: Any, batch: Batch) -> Any:
@@ -186,10 +300,15 @@ class Minimize(Problem):
             :func:`torch.func.functional_call`).
         data: ``None``, one batch, or an iterable of batches.
         batch_size_fn: number of samples in a batch (default: leading dimension).
+        module: the module whose buffers ``loss`` reads when ``params`` are tensors taken from it
+            (e.g. ``dict(model.named_parameters())``); a module ``params`` is its own.
+        buffers: ``"keep"`` (the returned module carries the user's buffers, the default) or
+            ``"update"`` (buffers recomputed at the solution, see :class:`Problem`).
 
     Raises:
         TypeError: if ``loss`` is not callable or ``params`` has an unsupported type.
-        ValueError: if the loss does not return a scalar, or the data does not fit.
+        ValueError: if the loss does not return a scalar, does not depend on ``params`` (the
+            habit ``crit(model(x), y)`` of a loss that closes over the module), or the data does not fit.
 
     Example:
         >>> import torch, curvlab as cl
@@ -204,10 +323,13 @@ class Minimize(Problem):
         params: Any,
         data: Any = None,
         batch_size_fn: Callable[[Batch], int] | None = None,
+        *,
+        module: nn.Module | None = None,
+        buffers: str = "keep",
     ) -> None:
         if not callable(loss):
             raise TypeError(f"loss must be callable, got {type(loss).__name__}")
-        super().__init__(params, data, batch_size_fn)
+        super().__init__(params, data, batch_size_fn, module=module, buffers=buffers)
         self.loss = loss
         self._check()
 
@@ -228,11 +350,17 @@ class LeastSquares(Problem):
         params: starting point (tensor / tuple / list / dict / ``nn.Module``).
         data: ``None``, one batch, or an iterable of batches.
         batch_size_fn: number of samples in a batch (default: leading dimension).
+        module: the module whose buffers ``residuals`` reads when ``params`` are tensors taken from it
+            (e.g. ``dict(model.named_parameters())``); a module ``params`` is its own.
+        buffers: ``"keep"`` (the returned module carries the user's buffers, the default) or
+            ``"update"`` (buffers recomputed at the solution, see :class:`Problem`).
 
     Raises:
         TypeError: if ``residuals`` is not callable or does not return a tensor.
-        ValueError: if the data does not fit.
+        ValueError: if the data does not fit or the residuals do not depend on ``params``.
     """
+
+    _objective_name = "residuals"
 
     def __init__(
         self,
@@ -240,10 +368,13 @@ class LeastSquares(Problem):
         params: Any,
         data: Any = None,
         batch_size_fn: Callable[[Batch], int] | None = None,
+        *,
+        module: nn.Module | None = None,
+        buffers: str = "keep",
     ) -> None:
         if not callable(residuals):
             raise TypeError(f"residuals must be callable, got {type(residuals).__name__}")
-        super().__init__(params, data, batch_size_fn)
+        super().__init__(params, data, batch_size_fn, module=module, buffers=buffers)
         self.residual_fn = residuals
         self._check()
 
@@ -258,34 +389,40 @@ class LeastSquares(Problem):
         n = r.shape[0] if r.ndim > 0 else 1
         return 0.5 * (r * r).sum() / n
 
+    def _residual_list(self, x: Tensor, batch: Batch) -> list[Tensor]:
+        out = []
+        for b, _, k in self._pairs(batch):
+            with self.state.scope(k):
+                out.append(self.batch_residuals(x, b).reshape(-1))
+        return out
+
     def residuals(self, x: Tensor, batch: Batch = ALL) -> Tensor:
         """The residual vector (flattened; stacked over batches for ``ALL``)."""
         with torch.no_grad():
-            if batch is ALL:
-                r = torch.cat([self.batch_residuals(x, b).reshape(-1) for b in self.data.batches()])
-            else:
-                r = self.batch_residuals(x, batch).reshape(-1)
+            rs = self._residual_list(x, batch)
+            r = torch.cat(rs) if rs else x.new_zeros(0)
             return _dist.all_gather_cat(r) if self.distributed else r
 
     def n_rows(self, batch: Batch = ALL) -> int:
         """Number of residual rows ``n`` in the objective's ``1/(2n)`` scaling (over all ranks when data-parallel)."""
-        bs = self.data.batches() if batch is ALL else [batch]
         total = 0
-        for b in bs:
-            r = self.batch_residuals(self.x0, b)
-            total += r.shape[0] if r.ndim > 0 else 1
+        with torch.no_grad():
+            for b, _, k in self._pairs(batch):
+                with self.state.scope(k):
+                    r = self.batch_residuals(self.x0, b)
+                total += r.shape[0] if r.ndim > 0 else 1
         return int(_dist.all_reduce_sum(total)) if self.distributed else total
 
     def jacobian(self, x: Tensor, batch: Batch = ALL) -> JacobianOperator:
-        """The Jacobian operator of the (flattened) residuals at ``x``."""
-        fn = lambda p, *b: _call(self.residual_fn, p, b[0] if b else None)  # noqa: E731
+        """The Jacobian operator of the (flattened) residuals at ``x`` (evaluated under the problem's module state)."""
+
+        def fn(z: Tensor, b: Batch = None) -> Tensor:
+            return self.batch_residuals(z, b)
+
         if batch is ALL:
-            if self.data.kind == "none":
-                return jacobian(lambda p: self.residual_fn(p), self.spec.unflatten(x))
-            return jacobian(fn, self.spec.unflatten(x), data=self.data.raw)
-        if batch is None:
-            return jacobian(lambda p: self.residual_fn(p), self.spec.unflatten(x))
-        return jacobian(fn, self.spec.unflatten(x), data=batch)
+            return jacobian(fn, x, data=self.data, state=self.state)
+        data = EMPTY if batch is not None and self.data.is_empty(batch) else batch
+        return jacobian(fn, x, data=data, state=self.state, key=self.key(batch))
 
 
 class SupervisedLoss(Problem):
@@ -294,17 +431,25 @@ class SupervisedLoss(Problem):
     Args:
         model: ``model(params, inputs) -> outputs`` or an ``nn.Module`` (called through
             :func:`torch.func.functional_call`).
-        loss: ``loss(outputs, targets) -> per-sample losses`` of shape ``(batch,)``
-            (e.g. ``lambda o, y: F.cross_entropy(o, y, reduction="none")``).
+        loss: ``loss(outputs, targets)``: per-sample losses of shape ``(batch,)``
+            (e.g. ``lambda o, y: F.cross_entropy(o, y, reduction="none")``) or their batch mean
+            (``F.cross_entropy``, ``nn.CrossEntropyLoss()``; per-sample losses — for EGN and
+            Sven — are then those of one-sample batches).
         params: starting point; ``None`` takes the parameters of ``model`` when it is a module.
         data: one ``(inputs, targets)`` batch or an iterable of them.
         batch_size_fn: number of samples in a batch (default: leading dimension).
+        buffers: ``"keep"`` (the returned module carries the user's buffers, the default) or
+            ``"update"`` (buffers recomputed at the solution, see :class:`Problem`).
 
     Raises:
         TypeError: if ``model`` or ``loss`` is not callable.
         ValueError: if ``data`` is missing, batches are not ``(inputs, targets)`` pairs,
-            ``loss`` does not return per-sample losses, or the data does not fit the model.
+            ``loss`` returns neither per-sample losses nor their mean (e.g. a sum, or a
+            class-weighted mean: pass ``reduction="none"``), the outputs do not depend on
+            ``params``, or the data does not fit the model.
     """
+
+    _objective_name = "model output"
 
     def __init__(
         self,
@@ -313,6 +458,8 @@ class SupervisedLoss(Problem):
         params: Any = None,
         data: Any = None,
         batch_size_fn: Callable[[Batch], int] | None = None,
+        *,
+        buffers: str = "keep",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable or an nn.Module, got {type(model).__name__}")
@@ -324,10 +471,14 @@ class SupervisedLoss(Problem):
             params = model
         if data is None:
             raise ValueError("data must hold (inputs, targets) batches: one batch or an iterable of batches")
-        super().__init__(params, data, batch_size_fn)
+        super().__init__(
+            params,
+            data,
+            batch_size_fn,
+            module=model if isinstance(model, nn.Module) and model is not params else None,
+            buffers=buffers,
+        )
         self.model, self.loss = model, loss
-        for b in [next(iter(self.data.batches()))]:
-            split_supervised_batch(b)
         self._check()
 
     def outputs(self, x: Tensor, inputs: Any) -> Tensor:
@@ -340,12 +491,33 @@ class SupervisedLoss(Problem):
         return per_sample_losses(self.loss, self.outputs(x, inputs), y)
 
     def batch_value(self, x: Tensor, batch: Batch) -> Tensor:
-        return self.batch_losses(x, batch).mean()
+        inputs, y = split_supervised_batch(batch)
+        losses, per_sample = loss_value(self.loss, self.outputs(x, inputs), y)
+        return losses.mean() if per_sample else losses
+
+    def _check_batch(self, batch: Batch) -> None:
+        split_supervised_batch(batch)
+        super()._check_batch(batch)
+        inputs, y = split_supervised_batch(batch)
+        with torch.no_grad(), self.state.scope(batch_key(0)):
+            out = self.outputs(self.x0, inputs)
+            losses, per_sample = loss_value(self.loss, out, y)
+            if not per_sample:
+                mean = per_sample_losses(self.loss, out, y).mean()
+                if not torch.allclose(losses, mean, rtol=1e-4, atol=1e-6 * (1 + float(mean.abs()))):
+                    raise ValueError(
+                        f"loss returned a scalar ({float(losses):.6g}) that is not the batch mean of its per-sample "
+                        f"losses ({float(mean):.6g}: the losses of one-sample batches); SupervisedLoss needs "
+                        "per-sample losses (reduction='none') or their mean — not a sum or a class-weighted mean"
+                    )
 
     def ggn(self, x: Tensor, batch: Batch = ALL, **kw: Any) -> GGNOperator:
-        """The generalized Gauss-Newton operator at ``x`` (mean over the batch or the data)."""
-        data = self.data if batch is ALL else batch
-        return ggn(self.model, self.loss, self.spec.unflatten(x), data, **kw)
+        """The generalized Gauss-Newton operator at ``x`` (mean over the batch or the data), in the problem's state."""
+        kw.setdefault("state", self.state)
+        if batch is ALL:
+            return ggn(self.model, self.loss, self.spec.unflatten(x), self.data, **kw)
+        data = EMPTY if self.data.is_empty(batch) else batch
+        return ggn(self.model, self.loss, self.spec.unflatten(x), data, key=self.key(batch), **kw)
 
 
 from ._matrix_sensing import MatrixSensing, matrix_sensing  # noqa: E402

@@ -9,14 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Batch
+from ..params import ModuleState
 from ._autodiff import (
     CompiledProducts,
     CurvatureBase,
     _grad,
+    _independent,
     call_model,
     compile_options,
-    per_sample_losses,
+    loss_value,
     split_supervised_batch,
+    warn_train_mode_dropout,
 )
 from ._base import LinearOperator
 
@@ -41,6 +44,11 @@ class OutputCurvature(CurvatureBase, LinearOperator):
         cache: bool | str,
         batch_size_fn: Any,
         psd: bool,
+        *,
+        check_deterministic: bool = True,
+        state: ModuleState | None = None,
+        key: int | None = None,
+        what: str = "ggn",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model_fn must be callable or an nn.Module, got {type(model).__name__}")
@@ -52,43 +60,69 @@ class OutputCurvature(CurvatureBase, LinearOperator):
             params = model
         if data is None:
             raise ValueError("data must hold (inputs, targets) batches: one batch or an iterable of batches")
-        self._setup(params, data, reduction, batch_size_fn, cache)
+        if state is None:  # a problem's operators follow the mode the user chose for training
+            warn_train_mode_dropout(model, what, stacklevel=4)
+        self._setup(
+            params,
+            data,
+            reduction,
+            batch_size_fn,
+            cache,
+            state=state,
+            key=key,
+            module=model if isinstance(model, nn.Module) else None,
+            check_deterministic=check_deterministic,
+        )
         n = self.spec.size
         LinearOperator.__init__(self, (n, n), self.spec.dtype, self.spec.device, symmetric=True, psd=psd)
         self.model, self.loss_fn = model, loss_fn
         self._value: Tensor | None = None
         self._gradient: Tensor | None = None
+        self._compiled: CompiledProducts | None = None
 
     def _sample_weight(self) -> float:
         return 1.0 / self.data.n_total() if self.data.reduction == "mean" else 1.0
 
+    def _loss(self, o: Tensor, y: Any, weight: float) -> Tensor:
+        r"""The batch's weighted loss: :math:`w\sum_n \ell_n` (per-sample losses) or :math:`w_b L_b` (a scalar)."""
+        losses, per_sample = loss_value(self.loss_fn, o, y)
+        return losses.sum() * self._sample_weight() if per_sample else losses * weight
+
+    def _uses_pieces(self) -> bool:
+        return self._compiled is None
+
     def _jacobian_pieces(self, x: Tensor, o: Tensor) -> dict[str, Any]:
+        if not o.requires_grad:
+            raise _independent("the model output")
         u0 = torch.zeros_like(o, requires_grad=True)
         (jt,) = torch.autograd.grad(o, x, u0, create_graph=True, allow_unused=True)
         if jt is None:
-            jt = torch.zeros_like(x)
+            raise _independent("the model output")
         return {"x": x, "o": o, "u0": u0, "jt": jt}
 
     def _q(self, piece: dict[str, Any], U: Tensor, batched: bool) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def _records_value(self) -> bool:
+        return self._compiled is None
+
     def _products(self, V: Tensor, batched: bool) -> Tensor:
-        if getattr(self, "_compiled", None) is not None:
-            out = None
-            w = self._sample_weight()
-            for batch, _ in self.data.weighted_batches():
-                r = self._compiled(self.x, V.T if batched else V, batch, w)
-                r = r.T if batched else r
-                out = r if out is None else out + r
-            assert out is not None
+        if self._compiled is not None:
+            compiled = self._compiled
+            out = self._zeros(V.shape[0] if batched else None)
+            for i, batch, w in self._batches():
+                with self._scope(i):
+                    r = compiled(self.x, V.T if batched else V, batch, w)
+                out = out + (r.T if batched else r)
+                self._record(i, batch, None)
+            self._end_pass()
             return self._sum_ranks(out)
-        out = None
+        out = self._zeros(V.shape[0] if batched else None)
         for p in self._pieces():
             jv = _grad(p["jt"], p["u0"], V, batched, retain=True)
             qjv = self._q(p, jv, batched)
-            r = _grad(p["o"], p["x"], qjv, batched, retain=self.cache)
-            out = r if out is None else out + r
-        assert out is not None
+            out = out + _grad(p["o"], p["x"], qjv, batched, retain=self.cache)
         return self._sum_ranks(out)
 
     def _matvec(self, v: Tensor) -> Tensor:
@@ -98,15 +132,26 @@ class OutputCurvature(CurvatureBase, LinearOperator):
         return self._products(V.T.contiguous(), batched=True).T
 
     def _value_grad(self) -> None:
-        val, grad = None, None
-        for p in self._pieces():
-            val = p["value"] if val is None else val + p["value"]
-            grad = p["grad"] if grad is None else grad + p["grad"]
-        if self.distributed:
-            assert val is not None and grad is not None
-            both = self._sum_ranks(torch.cat([grad, val.reshape(1).to(grad.dtype)]))
-            val, grad = both[-1].to(val.dtype), both[:-1]
-        self._value, self._gradient = val, grad
+        val = torch.zeros((), dtype=self.spec.dtype, device=self.spec.device)
+        grad = self._zeros(None)
+        if self._compiled is None:
+            for p in self._pieces():
+                val, grad = val + p["value"], grad + p["grad"]
+        else:
+            for i, batch, w in self._batches():
+                with torch.enable_grad(), self._scope(i):
+                    z = self._leaf()
+                    inputs, y = split_supervised_batch(batch)
+                    v = self._value_of(call_model(self.model, self.spec, z, inputs), y, w)
+                    (g,) = torch.autograd.grad(v, z, allow_unused=True) if v.requires_grad else (None,)
+                if g is None:
+                    raise _independent("the model output")
+                val, grad = val + v.detach(), grad + g
+        both = self._sum_ranks(torch.cat([grad, val.reshape(1).to(grad.dtype)]))
+        self._value, self._gradient = both[-1].to(val.dtype), both[:-1]
+
+    def _value_of(self, o: Tensor, y: Any, weight: float) -> Tensor:
+        return self._loss(o, y, weight)
 
     @property
     def value(self) -> Tensor:
@@ -133,17 +178,20 @@ class GGNOperator(OutputCurvature):
     respect to the output, taken by autodiff (exact for any loss: MSE gives the
     identity, softmax cross-entropy :math:`\operatorname{diag}(p) - ppᵀ`).
     With ``reduction="mean"`` the whole is divided by the number of samples ``N``.
-    Build it with :func:`ggn`.
+    A reduced (scalar) loss :math:`L_b(o_b)` of the whole batch output enters through its
+    full output-space Hessian, :math:`J_bᵀ \nabla^2_{o_b} L_b J_b`, weighted as the batch mean
+    (or sum) it is. Build it with :func:`ggn`.
     """
+
+    _what = "the loss"
 
     def _build(self, x: Tensor, batch: Batch, weight: float) -> dict[str, Any]:
         inputs, y = split_supervised_batch(batch)
         o = call_model(self.model, self.spec, x, inputs)
-        od = o.detach().requires_grad_(True)
-        w = self._sample_weight()
-        loss = per_sample_losses(self.loss_fn, od, y).sum() * w
-        (gl,) = torch.autograd.grad(loss, od, create_graph=True)
         piece = self._jacobian_pieces(x, o)
+        od = o.detach().requires_grad_(True)
+        loss = self._loss(od, y, weight)
+        (gl,) = torch.autograd.grad(loss, od, create_graph=True)
         piece.update(od=od, gl=gl, value=loss.detach())
         piece["grad"] = _grad(o, x, gl.detach(), False, retain=True)
         return piece
@@ -164,7 +212,7 @@ class GGNOperator(OutputCurvature):
         o, jv = torch.func.jvp(out_fn, (x,), (v,))
 
         def loss_grad(o_: Tensor) -> Tensor:
-            return torch.func.grad(lambda q: per_sample_losses(self.loss_fn, q, y).sum() * w)(o_)
+            return torch.func.grad(lambda q: self._loss(q, y, w))(o_)
 
         _, qjv = torch.func.jvp(loss_grad, (o.detach(),), (jv,))
         _, pullback = torch.func.vjp(out_fn, x)
@@ -182,6 +230,9 @@ def ggn(
     batch_size_fn: Callable[[Batch], int] | None = None,
     psd: bool = True,
     compile: bool | dict[str, Any] = False,  # noqa: A002
+    check_deterministic: bool = True,
+    state: ModuleState | None = None,
+    key: int | None = None,
 ) -> GGNOperator:
     r"""Matrix-free generalized Gauss-Newton matrix of a supervised loss.
 
@@ -192,11 +243,22 @@ def ggn(
 
     (without the :math:`1/N` for ``reduction="sum"``), summed exactly over every batch of ``data``.
 
+    A reduced loss (one scalar per batch: ``F.cross_entropy``, ``nn.CrossEntropyLoss()``,
+    ``F.mse_loss`` with their default ``reduction="mean"``) is exact too: its curvature in output
+    space is taken by an HVP with respect to the whole batch output,
+    :math:`G = \sum_b w_b J_bᵀ \nabla^2_{o_b} L_b(o_b) J_b` with :math:`w_b = n_b/N` (the batch
+    loss taken as a batch mean; ``reduction="sum"``: :math:`w_b = 1`, the batch loss a sum).
+
+    Module state (:mod:`curvlab.params`): an ``nn.Module`` model is evaluated on a snapshot of
+    its buffers (no product writes to them; train-mode BatchNorm uses batch statistics), with
+    dropout masks fixed per batch and attention on torch's math kernel.
+
     Args:
         model_fn: ``model_fn(params, inputs) -> outputs`` of shape ``(batch, ...)``,
             or an ``nn.Module`` (called with :func:`torch.func.functional_call`).
-        loss_fn: ``loss_fn(outputs, targets) -> per-sample losses`` of shape ``(batch,)``
-            (e.g. ``lambda o, y: F.cross_entropy(o, y, reduction="none")``).
+        loss_fn: ``loss_fn(outputs, targets)``: per-sample losses of shape ``(batch,)``
+            (e.g. ``lambda o, y: F.cross_entropy(o, y, reduction="none")``) or a reduced scalar
+            (``F.cross_entropy``, ``nn.CrossEntropyLoss()``).
         params: the point (tensor / tuple / list / dict / ``nn.Module``); ``None`` takes the
             parameters of ``model_fn`` when it is a module.
         data: one ``(inputs, targets)`` batch or an iterable of them.
@@ -208,6 +270,11 @@ def ggn(
         compile: compile the products with :func:`torch.compile` (``True`` or a dict of its
             options); off by default. Compiled products are functional per batch
             (``jvp`` of the model, ``jvp`` of the loss gradient, ``vjp``) and keep no graphs.
+        check_deterministic: verify products that re-evaluate the model (several batches without
+            cache, ``cache=False``, ``compile=True``) against the first pass (see
+            :func:`~curvlab.linops.hessian`).
+        state: a :class:`~curvlab.params.ModuleState` to evaluate under (a problem passes its own).
+        key: random-number key of a single batch (a problem passes a drawn batch's key).
 
     Returns:
         A symmetric :class:`GGNOperator` of shape ``(P, P)``; ``.value`` and ``.gradient``
@@ -215,10 +282,23 @@ def ggn(
 
     Raises:
         TypeError: if ``model_fn`` or ``loss_fn`` is not callable.
-        ValueError: if ``data`` is missing or ``loss_fn`` does not return per-sample losses.
+        ValueError: if ``data`` is missing, ``loss_fn`` returns neither per-sample losses nor a
+            scalar, or the model output does not depend on ``params`` (at the first product).
     """
     op = GGNOperator.__new__(GGNOperator)
-    op._init_common(model_fn, loss_fn, params, data, reduction, cache, batch_size_fn, psd)
+    op._init_common(
+        model_fn,
+        loss_fn,
+        params,
+        data,
+        reduction,
+        cache,
+        batch_size_fn,
+        psd,
+        check_deterministic=check_deterministic,
+        state=state,
+        key=key,
+    )
     opts = compile_options(compile)
     op._compiled = None if opts is None else CompiledProducts(op._ggn_one, opts)
     return op

@@ -6,11 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import distributed as _dist
 from ..data import Batch
-from ._autodiff import CurvatureBase, _grad
+from ..params import ModuleState
+from ._autodiff import CurvatureBase, _grad, _independent
 from ._base import LinearOperator
 
 __all__ = ["JacobianOperator", "GramOperator", "jacobian", "gram"]
@@ -29,6 +30,8 @@ class JacobianOperator(CurvatureBase, LinearOperator):
         residuals: the residual vector at the point (flattened, stacked over batches).
     """
 
+    _what = "residual_fn"
+
     def __init__(
         self,
         residual_fn: Callable[..., Tensor],
@@ -36,19 +39,37 @@ class JacobianOperator(CurvatureBase, LinearOperator):
         args: tuple = (),
         data: Any = None,
         cache: bool | str = True,
+        *,
+        check_deterministic: bool = True,
+        module: nn.Module | None = None,
+        state: ModuleState | None = None,
+        key: int | None = None,
     ) -> None:
         if not callable(residual_fn):
             raise TypeError(f"residual_fn must be callable, got {type(residual_fn).__name__}")
-        self._setup(params, data, "sum", None, cache)
+        self._setup(
+            params,
+            data,
+            "sum",
+            None,
+            cache,
+            state=state,
+            key=key,
+            module=module,
+            check_deterministic=check_deterministic,
+        )
         self.fn, self.args = residual_fn, tuple(args)
         sizes, res = [], []
         with torch.no_grad():
-            for b in self.data.batches():
-                r = self._r(self.x, b)
+            for i, b, _ in self._batches():
+                with self.state.scope(self._key_of(i)):
+                    r = self._r(self.x, b)
                 sizes.append(r.numel())
                 res.append(r.reshape(-1))
+                self._record(i, b, r.abs().sum())  # no cancellation: a robust fingerprint of the rows
+        self._end_pass()
         self.sizes = sizes
-        self.residuals = torch.cat(res)
+        self.residuals = torch.cat(res) if res else self.x.new_zeros(0)
         m = sum(sizes)
         self._offset = 0
         if self.distributed:  # rows of all ranks stacked in rank order
@@ -66,28 +87,57 @@ class JacobianOperator(CurvatureBase, LinearOperator):
             raise TypeError(f"residual_fn must return a tensor, got {type(r).__name__}")
         return r
 
+    @property
+    def _verifies(self) -> bool:  # the residual pass at creation is a second pass: cached pieces are checked once
+        return self.check_deterministic and (not self.cache or self._cached is None)
+
     def _build(self, x: Tensor, batch: Batch, weight: float) -> dict[str, Any]:
         r = self._r(x, batch).reshape(-1)
+        if r.numel() and not r.requires_grad:
+            raise _independent("residual_fn")
         u0 = torch.zeros_like(r, requires_grad=True)
-        (jt,) = torch.autograd.grad(r, x, u0, create_graph=True, allow_unused=True)
+        jt = torch.autograd.grad(r, x, u0, create_graph=True, allow_unused=True)[0] if r.numel() else None
         if jt is None:
+            if r.numel():
+                raise _independent("residual_fn")
             jt = torch.zeros_like(x)
-        return {"x": x, "r": r, "u0": u0, "jt": jt}
+        return {"x": x, "r": r, "u0": u0, "jt": jt, "value": r.detach().abs().sum()}
+
+    def _checked_pieces(self) -> list[dict[str, Any]]:
+        """The pieces of one pass, verified against the residual pass of the constructor (no collective)."""
+        if self.cache and self._cached is not None:
+            return self._cached
+        pieces = []
+        for i, b, w in self._batches():
+            p = self._build_at(i, b, w)
+            self._record(i, b, p["value"])
+            pieces.append(p)
+        self._end_pass()
+        if self.cache:
+            self._cached = pieces
+        pending, self._pending = self._pending, None
+        if self.distributed and self.check_deterministic:
+            flag = pending if pending is not None else self.x.new_zeros((), dtype=torch.float64)
+            if float(_dist.all_reduce_sum(flag.reshape(1))[0]) > 0:  # type: ignore[index]
+                self._pending = pending
+                self._raise_nondeterministic(here=pending is not None and float(pending) > 0)
+        elif pending is not None and float(pending) > 0:
+            self._pending = pending
+            self._raise_nondeterministic(here=True)
+        return pieces
 
     def _fwd(self, V: Tensor, batched: bool) -> Tensor:
-        outs = [_grad(p["jt"], p["u0"], V, batched, retain=self.cache) for p in self._pieces()]
-        out = torch.cat(outs, dim=-1)
+        outs = [_grad(p["jt"], p["u0"], V, batched, retain=self.cache) for p in self._checked_pieces()]
+        out = torch.cat(outs, dim=-1) if outs else V.new_zeros((*V.shape[:-1], 0))
         return _dist.all_gather_cat(out, dim=-1) if self.distributed else out
 
     def _bwd(self, U: Tensor, batched: bool) -> Tensor:
         if self.distributed:  # this rank's rows of U; the products of all ranks' rows are summed
             U = U[..., self._offset : self._offset + self._local_rows]
-        out = None
-        for p, u in zip(self._pieces(), torch.split(U, self.sizes, dim=-1)):
-            r = _grad(p["r"], p["x"], u.contiguous(), batched, retain=self.cache)
-            out = r if out is None else out + r
-        assert out is not None
-        return self._sum_ranks(out)
+        out = self._zeros(U.shape[0] if batched else None)
+        for p, u in zip(self._checked_pieces(), torch.split(U, self.sizes, dim=-1)):
+            out = out + _grad(p["r"], p["x"], u.contiguous(), batched, retain=self.cache)
+        return _dist.all_reduce_sum(out) if self.distributed else out  # type: ignore[return-value]
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self._fwd(v, False)
@@ -136,6 +186,10 @@ def jacobian(
     *args: Any,
     data: Any = None,
     cache: bool | str = True,
+    check_deterministic: bool = True,
+    module: nn.Module | None = None,
+    state: ModuleState | None = None,
+    key: int | None = None,
 ) -> JacobianOperator:
     r"""Matrix-free Jacobian of a residual map at ``params``.
 
@@ -150,12 +204,21 @@ def jacobian(
         *args: extra arguments to ``residual_fn``.
         data: ``None``, one batch, or an iterable of batches (residuals stacked in order).
         cache: keep the graphs between products (default ``True``).
+        check_deterministic: compare the residuals of the constructor's pass with those of the
+            first product's (and, without cache, of every product's) and raise
+            :class:`~curvlab.linops.NondeterministicError` when the data or the function changed
+            (see :func:`~curvlab.linops.hessian`); free.
+        module: the module whose buffers ``residual_fn`` reads (a module ``params`` is its own):
+            evaluated on a snapshot of them (:mod:`curvlab.params`).
+        state: a :class:`~curvlab.params.ModuleState` to evaluate under (a problem passes its own).
+        key: random-number key of a single batch (a problem passes a drawn batch's key).
 
     Returns:
         A :class:`JacobianOperator` of shape ``(M, P)`` (``.residuals`` holds :math:`r(x)`).
 
     Raises:
         TypeError: if ``residual_fn`` is not callable or returns no tensor.
+        ValueError: the residuals do not depend on ``params`` (at the first product).
 
     Example:
         >>> import torch, curvlab as cl
@@ -164,7 +227,17 @@ def jacobian(
         tensor([[3., 2.],
                 [0., 1.]])
     """
-    return JacobianOperator(residual_fn, params, args, data, cache)
+    return JacobianOperator(
+        residual_fn,
+        params,
+        args,
+        data,
+        cache,
+        check_deterministic=check_deterministic,
+        module=module,
+        state=state,
+        key=key,
+    )
 
 
 def gram(J: LinearOperator) -> GramOperator:

@@ -27,18 +27,21 @@ class EGN(ClosureOptimizer):
     ``(b, ...)`` — *without* calling ``backward``. The output Jacobian is taken by batched
     vjps through the closure's graph, the exact loss-Hessian blocks by double backward.
     With ``line_search=True`` the closure is called again (under ``no_grad``) at the trial
-    points. ``step`` returns the mean loss before the step. Non-finite derivatives skip
-    the step with a warning (the parameters are left unchanged).
+    points, from the random-number state of the step's first call (the same dropout masks).
+    ``step`` returns the mean loss before the step. Non-finite derivatives skip the step with a
+    warning (the parameters are left unchanged).
 
     Args:
         params: parameters or param groups (all groups share the hyperparameters).
-        lr, damping, line_search, c, shrink, grow, max_backtracks, adaptive_damping,
-        rho_low, rho_high, damping_increase, damping_decrease, min_damping, momentum,
-        chunk_size: as :class:`curvlab.solvers.EGN`.
+        options: the fields of :class:`curvlab.solvers.EGN` (listed below). ``jacobian``: the
+            closure's graph gives the Jacobian by batched vjps (``"auto"`` and ``"rows"``);
+            ``"per_sample"`` needs the model, not a closure, and is refused.
         distributed: in a data-parallel run, all-gather the per-sample losses, output Jacobian rows
             and loss derivatives, so every rank takes the step of one process on the union of the
             ranks' batches; ``None`` (default): whether a process group of several ranks is active
             at creation (see :mod:`curvlab.optim`).
+        module: the module the closure evaluates; its buffers (BatchNorm statistics) are then kept
+            out of the line search's trial calls (see :mod:`curvlab.optim._base`).
 
     Example:
         >>> import torch, curvlab
@@ -53,50 +56,19 @@ class EGN(ClosureOptimizer):
         True
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1.0,
-        damping: float = 1.0,
-        line_search: bool = False,
-        c: float = 0.1,
-        shrink: float = 0.8,
-        grow: float = 1.5,
-        max_backtracks: int = 15,
-        adaptive_damping: bool = False,
-        rho_low: float = 0.25,
-        rho_high: float = 0.75,
-        damping_increase: float = 1.01,
-        damping_decrease: float = 0.99,
-        min_damping: float | None = None,
-        momentum: float = 0.0,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-    ) -> None:
-        opts = dict(
-            lr=lr,
-            damping=damping,
-            line_search=line_search,
-            c=c,
-            shrink=shrink,
-            grow=grow,
-            max_backtracks=max_backtracks,
-            adaptive_damping=adaptive_damping,
-            rho_low=rho_low,
-            rho_high=rho_high,
-            damping_increase=damping_increase,
-            damping_decrease=damping_decrease,
-            min_damping=min_damping,
-            momentum=momentum,
-            chunk_size=chunk_size,
-        )
-        _egn.EGN(**opts)  # validates
-        super().__init__(params, opts, distributed)
+    solver_class = _egn.EGN
+
+    def _validate(self, opts: dict[str, Any]) -> None:
+        if opts["jacobian"] == "per_sample":
+            raise ValueError(
+                "curvlab.optim.EGN differentiates the closure's graph (batched vjps): jacobian='per_sample' "
+                "needs the model itself — use curvlab.solvers.EGN on a SupervisedLoss, or jacobian='auto'"
+            )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One EGN update; ``closure() -> (per_sample_losses, outputs)``. Returns the mean loss before the step."""
-        solver = _egn.EGN(**self.options)
-        out = self._call(closure, "EGN")
+        solver = self.solver()
+        out = self._start(closure, "EGN")
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
             raise TypeError("the EGN closure must return (per_sample_losses, outputs), two tensors")
         losses, outputs = out

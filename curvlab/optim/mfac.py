@@ -35,21 +35,18 @@ class MFAC(ClosureOptimizer):
     Args:
         params: parameters or param groups (all groups share the hyperparameters; ``lr`` is read
             from the first group at every step, so learning-rate schedulers work).
-        lr: step size (paper: 1e-3).
-        ngrads: window size :math:`m` (paper: 1024).
-        damp: damping :math:`\lambda` (paper: 1e-5).
-        momentum: EMA momentum in ``[0, 1)`` (default 0).
-        weight_decay: added to the gradient as ``weight_decay * p`` before preconditioning (default 0).
-        small_dtype: dtype of the ``ngrads × ngrads`` matrices (default float64).
+        options: the fields of :class:`curvlab.solvers.MFAC` (listed below; paper defaults ``lr=1e-3``,
+            ``ngrads=1024``, ``damping=1e-5``). ``damp=`` is the deprecated spelling of ``damping=``.
         distributed: in a data-parallel run, average the gradients over the ranks (as DDP does), so
             every rank takes the same step; ``None`` (default): whether a process group of several
             ranks is active at creation (see :mod:`curvlab.optim`).
+        module: accepted for uniformity (M-FAC calls the closure once per step).
 
     Example:
         >>> import torch, curvlab
         >>> net = torch.nn.Linear(3, 2)
         >>> X, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
-        >>> opt = curvlab.optim.MFAC(net.parameters(), lr=1e-2, ngrads=8, damp=1e-2)
+        >>> opt = curvlab.optim.MFAC(net.parameters(), lr=1e-2, ngrads=8, damping=1e-2)
         >>> def closure():
         ...     opt.zero_grad()
         ...     loss = torch.nn.functional.cross_entropy(net(X), y)
@@ -60,34 +57,9 @@ class MFAC(ClosureOptimizer):
         True
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        ngrads: int = 1024,
-        damp: float = 1e-5,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        small_dtype: torch.dtype = torch.float64,
-        distributed: bool | None = None,
-    ) -> None:
-        opts = dict(
-            lr=lr, ngrads=ngrads, damp=damp, momentum=momentum, weight_decay=weight_decay, small_dtype=small_dtype
-        )
-        self._solver_from(opts)  # validates
-        super().__init__(params, opts, distributed)
-
-    @staticmethod
-    def _solver_from(opts: dict[str, Any]) -> _mfac.MFAC:
-        return _mfac.MFAC(
-            lr=opts["lr"],
-            ngrads=opts["ngrads"],
-            damping=opts["damp"],
-            momentum=opts["momentum"],
-            weight_decay=opts["weight_decay"],
-            small_dtype=opts["small_dtype"],
-            copy_window=False,
-        )
+    solver_class = _mfac.MFAC
+    fixed = {"copy_window": False}
+    aliases = {"damp": "damping"}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -96,7 +68,7 @@ class MFAC(ClosureOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        solver = self._solver_from(self.options)
+        solver = self.solver()
         x = self._flat()
         grad = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(x.dtype) for p in self._params]
@@ -116,7 +88,10 @@ class MFAC(ClosureOptimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, keeping the Gram matrix in its own (``small_dtype``) dtype."""
+        """As ``torch.optim.Optimizer.load_state_dict``, keeping the Gram matrix in its own (``small_dtype``) dtype.
+
+        State dicts saved with the deprecated ``damp`` option load too.
+        """
         saved = state_dict.get("state", {}).get(0, {}).get("mfac")
         gram: Tensor | None = saved["gram"] if isinstance(saved, dict) and "gram" in saved else None
         super().load_state_dict(state_dict)

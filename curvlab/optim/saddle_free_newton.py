@@ -25,18 +25,20 @@ class SaddleFreeNewton(ClosureOptimizer):
     the model on the current mini-batch and returns the scalar loss *without* calling
     ``backward``. The gradient is taken with ``create_graph=True`` once per step and every
     Hessian-vector product is one more backward pass through that graph (reverse-over-reverse).
-    The line searches call the closure again (under ``no_grad``) at trial points. ``step``
+    The line searches call the closure again (under ``no_grad``) at trial points, from the
+    random-number state of the step's first call (the same dropout masks). ``step``
     returns the loss before the step. Non-finite losses or gradients skip the step with a
     warning (the parameters are left unchanged).
 
     Args:
         params: parameters or param groups (all groups share the hyperparameters).
-        method, k, damping, inner_steps, refresh, eig, lr, line_search, c1, shrink,
-        max_backtracks, seed: as :class:`curvlab.solvers.SaddleFreeNewton`.
+        options: the fields of :class:`curvlab.solvers.SaddleFreeNewton` (listed below).
         distributed: in a data-parallel run, average losses, gradients and Hessian-vector products
             over the ranks (as DDP averages gradients), so every rank takes the same step; ``None``
             (default): whether a process group of several ranks is active at creation (see
             :mod:`curvlab.optim`).
+        module: the module the closure evaluates; its buffers (BatchNorm statistics) are then kept
+            out of the searches' trial calls (see :mod:`curvlab.optim._base`).
 
     Example:
         >>> import torch, curvlab
@@ -49,42 +51,12 @@ class SaddleFreeNewton(ClosureOptimizer):
         True
     """
 
-    def __init__(
-        self,
-        params: Any,
-        method: str = "krylov",
-        k: int = 20,
-        damping: float | tuple[float, ...] | None = None,
-        inner_steps: int = 1,
-        refresh: int = 5,
-        eig: str = "randomized",
-        lr: float = 1.0,
-        line_search: bool = True,
-        c1: float = 1e-4,
-        shrink: float = 0.5,
-        max_backtracks: int = 40,
-        seed: int = 0,
-        distributed: bool | None = None,
-    ) -> None:
-        opts = dict(
-            method=method,
-            k=k,
-            damping=damping,
-            inner_steps=inner_steps,
-            refresh=refresh,
-            eig=eig,
-            lr=lr,
-            line_search=line_search,
-            c1=c1,
-            shrink=shrink,
-            max_backtracks=max_backtracks,
-            seed=seed,
-        )
-        _Solver(**opts)  # validates
-        super().__init__(params, opts, distributed)
+    solver_class = _Solver
+    excluded = {"hessian_mode": "Hessian-vector products go through the closure's gradient graph"}
+    second_order = True
 
-    def _loss_grad(self, closure: Callable[[], Any]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        loss = self._call(closure, "SaddleFreeNewton")
+    def _loss_grad(self, closure: Callable[[], Any], trial: bool = False) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        loss = self._trial(closure, grad=True) if trial else self._start(closure, "SaddleFreeNewton")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(
                 f"the SaddleFreeNewton closure must return the scalar loss, got {getattr(loss, 'shape', type(loss))}"
@@ -103,7 +75,7 @@ class SaddleFreeNewton(ClosureOptimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One saddle-free Newton update; ``closure() -> scalar loss``. Returns the loss before the step."""
-        solver = _Solver(**self.options)
+        solver = self.solver()
         f0, g_graph, _ = self._loss_grad(closure)  # type: ignore[arg-type]
         f0, g = self._averaged(f0, g_graph.detach())
         st = self.global_state
@@ -128,7 +100,7 @@ class SaddleFreeNewton(ClosureOptimizer):
 
         def grad_at(z: Tensor) -> tuple[Tensor, Tensor]:
             self._write(z)
-            f, gz, _ = self._loss_grad(closure)  # type: ignore[arg-type]
+            f, gz, _ = self._loss_grad(closure, trial=True)  # type: ignore[arg-type]
             return self._averaged(f, gz.detach())
 
         vars_ = {k: st[k] for k in ("U", "eigvals", "since_refresh", "n_refresh")}

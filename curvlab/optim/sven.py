@@ -30,13 +30,14 @@ class Sven(ClosureOptimizer):
 
     Args:
         params: parameters or param groups (all groups share the hyperparameters).
-        lr, k, rtol, atol, kappa, svd, n_oversample, n_power, param_fraction, param_blocks,
-        microbatch, rmsprop, rmsprop_alpha, rmsprop_eps, rmsprop_momentum, seed,
-        chunk_size: as :class:`curvlab.solvers.Sven`.
+        options: the fields of :class:`curvlab.solvers.Sven` (listed below). ``jacobian``: the
+            closure's graph gives the Jacobian by batched vjps (``"auto"`` and ``"rows"``);
+            ``"per_sample"`` needs the model, not a closure, and is refused.
         distributed: in a data-parallel run, all-gather the per-sample losses and Jacobian rows, so
             every rank takes the step of one process on the union of the ranks' batches; ``None``
             (default): whether a process group of several ranks is active at creation (see
             :mod:`curvlab.optim`).
+        module: accepted for uniformity (Sven calls the closure once per step).
 
     Example:
         >>> import torch, curvlab
@@ -49,54 +50,19 @@ class Sven(ClosureOptimizer):
         True
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 0.1,
-        k: int | None = None,
-        rtol: float = 1e-3,
-        atol: float = 1e-10,
-        kappa: float = 2.0,
-        svd: str = "auto",
-        n_oversample: int = 5,
-        n_power: int = 1,
-        param_fraction: float = 1.0,
-        param_blocks: bool = False,
-        microbatch: int = 1,
-        rmsprop: str | None = None,
-        rmsprop_alpha: float = 0.99,
-        rmsprop_eps: float = 1e-8,
-        rmsprop_momentum: float = 0.0,
-        seed: int = 0,
-        chunk_size: int | None = None,
-        distributed: bool | None = None,
-    ) -> None:
-        opts = dict(
-            lr=lr,
-            k=k,
-            rtol=rtol,
-            atol=atol,
-            kappa=kappa,
-            svd=svd,
-            n_oversample=n_oversample,
-            n_power=n_power,
-            param_fraction=param_fraction,
-            param_blocks=param_blocks,
-            microbatch=microbatch,
-            rmsprop=rmsprop,
-            rmsprop_alpha=rmsprop_alpha,
-            rmsprop_eps=rmsprop_eps,
-            rmsprop_momentum=rmsprop_momentum,
-            seed=seed,
-            chunk_size=chunk_size,
-        )
-        _sven.Sven(**opts)  # validates
-        super().__init__(params, opts, distributed)
+    solver_class = _sven.Sven
+
+    def _validate(self, opts: dict[str, Any]) -> None:
+        if opts["jacobian"] == "per_sample":
+            raise ValueError(
+                "curvlab.optim.Sven differentiates the closure's graph (batched vjps): jacobian='per_sample' "
+                "needs the model itself — use curvlab.solvers.Sven on a SupervisedLoss, or jacobian='auto'"
+            )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One Sven update; ``closure() -> per_sample_losses``. Returns the mean loss before the step."""
-        solver = _sven.Sven(**self.options)
-        out = self._call(closure, "Sven")
+        solver = self.solver()
+        out = self._start(closure, "Sven")
         losses = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(losses, Tensor) or losses.ndim != 1:
             raise ValueError(

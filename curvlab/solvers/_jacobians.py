@@ -4,8 +4,8 @@ Three ways to materialise a Jacobian :math:`J = \partial y / \partial x` (rows =
 of ``y``, columns = parameters), each chunked so peak memory stays bounded:
 
 * :func:`rows_jacobian` — batched vector-Jacobian products through an autograd graph
-  that is built once (``torch.autograd.grad(..., is_grads_batched=True)``, the same
-  path as :class:`curvlab.linops.JacobianOperator`), one backward pass per row, ``chunk``
+  that is built once (:func:`curvlab.linops.batched_vjp`, the package's one vjp helper, the
+  same path as :class:`curvlab.linops.JacobianOperator`), one backward pass per row, ``chunk``
   rows at a time. Works for any graph, including a user's closure; costs one backward
   *of the whole batch* per row.
 * :func:`columns_jacobian` — ``vmap`` of ``torch.func.jvp`` over identity columns: one
@@ -26,6 +26,13 @@ On top of these, the problem-level helpers return what the solvers need on one b
 exact Hessian blocks of the loss with respect to the outputs). A random subset of the
 parameters (``index``) restricts the Jacobian's columns (Sven's memory option).
 
+Module state (:mod:`curvlab.params`): every evaluation runs inside the problem's scope for its
+batch (:meth:`curvlab.Problem.scope`: the module's buffers a snapshot, the batch's dropout masks,
+attention on the math kernel for the forward-mode and double-backward passes).
+
+Empty batches (a data-parallel rank with an empty shard draws :data:`curvlab.data.EMPTY`)
+give zero rows; the gathered system is then the other ranks'.
+
 Data-parallel (:mod:`curvlab.distributed`): the batch-sized systems of EGN, Sven and
 Gauss-Newton couple all samples of the global mini-batch, so the problem-level helpers
 all-gather their per-sample rows (values, Jacobian rows, output derivatives) in rank order;
@@ -41,8 +48,8 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
-from ..linops._autodiff import per_sample_losses, split_supervised_batch
-from ..params import tree_map
+from ..linops._autodiff import batched_vjp, per_sample_losses, split_supervised_batch
+from ..params import batch_key, tree_map
 from ..problems import ALL, LeastSquares, Problem, SupervisedLoss
 from ._common import batch_for, current_batch
 
@@ -87,9 +94,10 @@ def _eye_rows(n: int, start: int, stop: int, like: Tensor) -> Tensor:
 def rows_jacobian(out: Tensor, inputs: Tensor | Sequence[Tensor], chunk_size: int | None = None) -> Tensor:
     r"""The dense Jacobian of ``out`` (any shape, flattened to ``M`` rows) w.r.t. ``inputs``.
 
-    Row ``i`` is the vjp :math:`e_iᵀ J`; rows are taken ``chunk_size`` at a time by one
-    batched backward pass (``is_grads_batched``; a loop where an op has no batching rule)
-    over the graph of ``out``, built once.
+    Row ``i`` is the vjp :math:`e_iᵀ J`; rows are taken ``chunk_size`` at a time by
+    :func:`curvlab.linops.batched_vjp` (one vmapped backward pass, or a loop of passes where
+    that is faster — big graphs on CPU — or an op has no batching rule) over the graph of
+    ``out``, built once.
 
     Args:
         out: a tensor computed with autograd from ``inputs``.
@@ -112,16 +120,11 @@ def rows_jacobian(out: Tensor, inputs: Tensor | Sequence[Tensor], chunk_size: in
     needed = [t for t in ins if t.requires_grad]
     for s in range(0, M, chunk):
         e = min(M, s + chunk)
-        E = _eye_rows(M, s, e, flat)
         if not flat.requires_grad or not needed:
             continue
-        try:  # the graph is kept (for the next chunk, or the fallback); it is freed with ``out``
-            gs = torch.autograd.grad(flat, needed, E, retain_graph=True, allow_unused=True, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one row at a time
-            rows = [
-                torch.autograd.grad(flat, needed, E[i], retain_graph=True, allow_unused=True) for i in range(len(E))
-            ]
-            gs = tuple(None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(needed)))
+        E = _eye_rows(M, s, e, flat)
+        # the graph is kept (for the next chunk); it is freed with ``out``
+        gs = batched_vjp(flat, needed, E, batched=True, retain=True)
         grads = dict(zip(map(id, needed), gs))
         cols = 0
         for t, n in zip(ins, sizes):
@@ -265,10 +268,20 @@ def next_batch(problem: Problem, draws: int) -> tuple[Any, int]:
 
 
 def concrete_batches(problem: Problem, batch: Any) -> list[Any]:
-    """The batches behind ``batch``: itself, or (``ALL``) every batch of the data (``[None]`` without data)."""
+    """The batches behind ``batch``: itself, or (``ALL``) every batch of the data (``[None]`` without data).
+
+    Empty batches are left out (an empty ``batch`` gives ``[]``).
+    """
     if batch is ALL:
         return list(problem.data.batches())
-    return [batch]
+    return [] if batch is not None and problem.data.is_empty(batch) else [batch]
+
+
+def _keys(problem: Problem, batch: Any, batches: list[Any]) -> list[int]:
+    """Random-number keys of ``concrete_batches(problem, batch)`` (as :meth:`Problem.value` uses them)."""
+    if batch is ALL:
+        return [batch_key(i) for i in range(len(batches))]
+    return [problem.key(b) for b in batches]
 
 
 def one_batch(problem: Problem, batch: Any) -> Any:
@@ -309,9 +322,25 @@ def _supervised(
     """Rows (outputs or losses) on one batch and their Jacobian, per-sample or by rows."""
     _check_mode(mode)
     batch = one_batch(problem, batch)
-    inputs, y = split_supervised_batch(batch)
     z0, full = _subset_fn(x, index)
+    if problem.data.is_empty(batch):
+        return x.new_zeros(0, 0), x.new_zeros(0, z0.numel()), None
+    with problem.scope(batch, math_attention=True):
+        return _supervised_rows(problem, batch, kind, mode, chunk_size, z0, full)
 
+
+def _supervised_rows(
+    problem: SupervisedLoss,
+    batch: Any,
+    kind: str,
+    mode: str,
+    chunk_size: int | None,
+    z0: Tensor,
+    full: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Any]:
+    inputs, y = split_supervised_batch(batch)
+    if mode == "auto" and _couples_samples(problem.model):
+        mode = "rows"
     if mode in ("auto", "per_sample"):
 
         def fn(z: Tensor, s: Any) -> Tensor:
@@ -332,6 +361,13 @@ def _supervised(
         b = rows.shape[0]
         J = rows_jacobian(rows, zl, chunk_size)
     return rows.detach().reshape(b, -1), J, y
+
+
+def _couples_samples(model: Any) -> bool:
+    """Whether a module normalises over the batch (train-mode BatchNorm): one-sample Jacobians would be wrong."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
 def supervised_outputs(
@@ -360,7 +396,10 @@ def supervised_outputs(
     batch = one_batch(problem, batch)
     out, J, y = _supervised(problem, x, batch, "outputs", mode, chunk_size, index)
     b = out.shape[0]
-    with torch.enable_grad():
+    if y is None:  # an empty batch: no rows
+        g, Q = out.new_zeros(0, 0), out.new_zeros(0, 0, 0)
+        return _gather_rows(problem, out, J, g, Q)  # type: ignore[return-value]
+    with torch.enable_grad(), problem.scope(batch):
         inputs, _ = split_supervised_batch(batch)
         o = problem.outputs(x.detach(), inputs).detach().requires_grad_(True)
         losses = per_sample_losses(problem.loss, o, y)
@@ -423,23 +462,35 @@ def residual_rows(
     """
     _check_mode(mode)
     batches = concrete_batches(problem, batch)
+    keys = _keys(problem, batch, batches)
     z0, full = _subset_fn(x, index)
+    state = problem.state
 
     def fn(z: Tensor) -> Tensor:
-        return torch.cat([problem.batch_residuals(full(z), b).reshape(-1) for b in batches])
+        parts = []
+        for b, k in zip(batches, keys):
+            with state.scope(k, math_attention=True):
+                parts.append(problem.batch_residuals(full(z), b).reshape(-1))
+        return torch.cat(parts)
 
     n = 0
     with torch.no_grad():
-        rs = [problem.batch_residuals(x.detach(), b) for b in batches]
+        rs = []
+        for b, k in zip(batches, keys):
+            with state.scope(k):
+                rs.append(problem.batch_residuals(x.detach(), b))
     for r in rs:
         n += r.shape[0] if r.ndim > 0 else 1
     M = sum(r.numel() for r in rs)
+    if not batches:  # an empty batch: no rows
+        return _rows_result(problem, x.new_zeros(0), x.new_zeros(0, z0.numel()), 0)
     if mode == "per_sample":
         if any(b is None for b in batches):
             raise ValueError("jacobian='per_sample' needs data batches whose leading dimension indexes the samples")
         Js = []
-        for b, r in zip(batches, rs):
-            vals, Jb = per_sample_jacobian(lambda z, s: problem.batch_residuals(full(z), s), z0, b, chunk_size)
+        for b, r, k in zip(batches, rs, keys):
+            with state.scope(k, math_attention=True):
+                vals, Jb = per_sample_jacobian(lambda z, s: problem.batch_residuals(full(z), s), z0, b, chunk_size)
             if vals.numel() != r.numel() or not torch.allclose(vals.reshape(-1), r.reshape(-1), rtol=1e-4, atol=1e-6):
                 raise ValueError(
                     "jacobian='per_sample': the residuals of a one-sample batch are not the rows of the batch "

@@ -295,8 +295,12 @@ def test_ggn_with_module_params_none():
 
 def test_ggn_bad_loss_shape_is_clear():
     params, model, X, Y = _mlp_problem()
-    with pytest.raises(ValueError, match="per-sample"):
-        linops.ggn(model, lambda o, y: ((o - y) ** 2).mean(), params, (X, Y)).matvec(torch.ones(24, dtype=D64))
+    with pytest.raises(ValueError, match="per-sample"):  # elementwise losses: neither (batch,) nor a scalar
+        linops.ggn(model, lambda o, y: (o - y) ** 2, params, (X, Y)).matvec(torch.ones(24, dtype=D64))
+    # a reduced scalar is accepted: its output-space Hessian 2/(b c) I for the mean squared error
+    G = linops.ggn(model, lambda o, y: ((o - y) ** 2).mean(), params, (X, Y))
+    Gs = linops.ggn(model, lambda o, y: ((o - y) ** 2).sum(-1), params, (X, Y))  # per-sample sums: 2/b I
+    torch.testing.assert_close(G.to_dense() * Y.shape[1], Gs.to_dense(), rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- jacobian / gram

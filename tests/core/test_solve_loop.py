@@ -182,9 +182,13 @@ def test_bad_input_errors():
         cl.solvers.GradientDescent(lrr=0.1)
     with pytest.raises(ValueError, match="lr"):
         cl.solvers.Adam(lr=-1.0)
-    with pytest.raises(ValueError, match="per-sample"):
+    with pytest.raises(ValueError, match="per-sample"):  # a sum is neither per-sample losses nor their mean
         cl.SupervisedLoss(
-            lambda p, x: x @ p, lambda o, y: ((o - y) ** 2).mean(), torch.zeros(2), (torch.zeros(4, 2), torch.zeros(4))
+            lambda p, x: x @ p, lambda o, y: ((o - y) ** 2).sum(), torch.zeros(2), (torch.ones(4, 2), torch.ones(4))
+        )
+    with pytest.raises(ValueError, match="per-sample"):  # elementwise losses of another shape
+        cl.SupervisedLoss(
+            lambda p, x: x @ p, lambda o, y: (o - y)[:, None] ** 2, torch.zeros(2), (torch.ones(4, 2), torch.ones(4))
         )
     with pytest.raises(ValueError, match="one-shot"):
         cl.Minimize(lambda w, b: w.sum(), torch.zeros(1), data=iter([torch.zeros(1)]))

@@ -150,10 +150,39 @@ def run_all() -> dict[str, Any]:
     r = cl.solvers.GaussNewton().solve(lsq, max_iter=4, tol=0.0)
     out["gn_lsq_x"] = r.flat
     bilevel_scenarios(out)
+    empty_shard_scenarios(out, params, X, y, v)
     return {
         k: (torch.as_tensor(val).detach().cpu() if not isinstance(val, torch.Tensor) else val.detach().cpu())
         for k, val in out.items()
     }
+
+
+def empty_shard_scenarios(out: dict[str, Any], params: dict, X: torch.Tensor, y: torch.Tensor, v: Any) -> None:
+    """Rank 1's shard is empty (no batch, an empty batch, a batch of 0 rows): it contributes nothing,
+    every rank stays in the collectives, and the results are those of one process on the whole data."""
+    few = cd.shard([(X[:10], y[:10])])  # rank 1: no batch at all
+    with_empty = cd.shard([(X[:10], y[:10]), (X[:0], y[:0])])  # rank 1: one empty batch
+    one = cd.shard((X[:1], y[:1]))  # rank 1: a batch of 0 rows
+    out["empty_hvp"] = cl.linops.hessian(batch_loss, params, data=few) @ v
+    out["empty_ggn"] = cl.linops.ggn(model, ce, params, with_empty) @ v
+    J = cl.linops.jacobian(lambda p, b: model(p, b[0]), params, data=few)
+    out["empty_jvp"] = J @ v
+    prob = cl.SupervisedLoss(model, ce, params, one)
+    out["empty_value"], out["empty_grad"] = prob.value_and_grad(prob.x0)
+    sprob = cl.SupervisedLoss(model, ce, params, few)
+    out["empty_gd_x"] = cl.solvers.GradientDescent(lr=0.3).solve(sprob, max_iter=3, tol=0.0).flat
+    out["empty_egn_x"] = cl.solvers.EGN(damping=0.5).solve(sprob, max_iter=2, tol=0.0).flat
+    t = torch.linspace(0, 1, 12, dtype=DT)
+    lsq = cl.LeastSquares(
+        lambda w, b: w[0] * torch.exp(w[1] * b[0]) - b[1], torch.tensor([1.0, -0.5], dtype=DT),
+        cd.shard([(t, 2.0 * torch.exp(-1.3 * t))]),
+    )  # fmt: skip
+    out["empty_gn_x"] = cl.solvers.GaussNewton().solve(lsq, max_iter=3, tol=0.0).flat
+    try:  # no sample on any rank: the same clear error everywhere, nobody left waiting
+        cl.SupervisedLoss(model, ce, params, cd.shard([(X[:0], y[:0])]))
+        out["empty_all_error"] = torch.tensor(0.0)
+    except ValueError as e:
+        out["empty_all_error"] = torch.tensor(1.0 if "no sample" in str(e) else 2.0)
 
 
 def optim_scenarios(out: dict[str, Any], params: dict, local_batches: list) -> None:
@@ -185,7 +214,7 @@ def optim_scenarios(out: dict[str, Any], params: dict, local_batches: list) -> N
 
     out["optim_egn_x"] = run(lambda ps: cl.optim.EGN(ps, damping=0.5, line_search=True, momentum=0.3), rows)
     out["optim_sven_x"] = run(lambda ps: cl.optim.Sven(ps, lr=0.5), rows)
-    out["optim_mfac_x"] = run(lambda ps: cl.optim.MFAC(ps, lr=0.1, ngrads=2, damp=0.1, momentum=0.5), backward, 4)
+    out["optim_mfac_x"] = run(lambda ps: cl.optim.MFAC(ps, lr=0.1, ngrads=2, damping=0.1, momentum=0.5), backward, 4)
     out["optim_sfn_x"] = run(
         lambda ps: cl.optim.SaddleFreeNewton(ps, method="lowrank", k=4, damping=0.1),
         lambda o, p, b: lambda: batch_loss(p, b),

@@ -33,6 +33,8 @@ EXACT = [
     "bl_f", "bl_g", "bl_f_grads", "bl_g_grad_y", "bl_second_g", "bl_hvp_op", "bl_onebatch_grads", "bl_closed_g",
     "bl_diff_grads", "bl_diff_hvp", "itd_x", "aid_x", "aid_y", "ift_x",
     "f2sa_x", "f2sa_y", "f2sa_mom_x", "borep_x", "borep_y",
+    "empty_hvp", "empty_ggn", "empty_jvp", "empty_value", "empty_grad", "empty_gd_x", "empty_egn_x", "empty_gn_x",
+    "empty_all_error",
 ]  # fmt: skip
 #: results drawn from unseeded probes: a single process draws other ones, but the ranks must agree
 RANKS_ONLY = ["trace_noseed", "lanczos_alpha"]

@@ -168,8 +168,8 @@ def test_errors():
     with pytest.raises(ValueError, match="shape"):
         cl.linops.hessian(lambda x: (x**2).sum(), torch.zeros(3)).matvec(torch.ones(4))
     params, model, loss_fn, f, X, Y, spec = make_mlp("mse")
-    with pytest.raises(ValueError, match="per-sample"):
-        cl.linops.ggn(model, lambda o, y: ((o - y) ** 2).mean(), params, (X, Y)).matvec(
+    with pytest.raises(ValueError, match="per-sample"):  # elementwise (b, c) losses: neither per-sample nor scalar
+        cl.linops.ggn(model, lambda o, y: (o - y) ** 2, params, (X, Y)).matvec(
             torch.ones(spec.size, dtype=torch.float64)
         )
     with pytest.raises(ValueError, match="data"):

@@ -64,7 +64,7 @@ OPTS = {
     "EGN": lambda p: curvlab.optim.EGN(p, damping=0.3, line_search=True, adaptive_damping=True, momentum=0.2),
     "Sven": lambda p: curvlab.optim.Sven(p, lr=0.3, k=6),
     "Sven_rmsprop": lambda p: curvlab.optim.Sven(p, lr=0.05, k=6, rmsprop="post", param_fraction=0.7),
-    "MFAC": lambda p: curvlab.optim.MFAC(p, lr=0.05, ngrads=4, damp=0.1, momentum=0.5, weight_decay=1e-4),
+    "MFAC": lambda p: curvlab.optim.MFAC(p, lr=0.05, ngrads=4, damping=0.1, momentum=0.5, weight_decay=1e-4),
     "SaddleFreeNewton": lambda p: curvlab.optim.SaddleFreeNewton(p, method="lowrank", k=5, refresh=2, damping=0.1),
 }
 
@@ -149,10 +149,9 @@ def test_unknown_option_and_invalid_values(kind):
         cls(net.parameters(), learning_rate=0.1)
     with pytest.raises(ValueError, match="lr"):
         cls(net.parameters(), lr=-1.0)
-    damp = "damp" if kind == "MFAC" else "damping"
     if kind != "Sven":
         with pytest.raises(ValueError, match="damp"):
-            cls(net.parameters(), **{damp: -1.0})
+            cls(net.parameters(), damping=-1.0)
     if kind in ("Sven", "SaddleFreeNewton"):
         with pytest.raises(ValueError, match="k"):
             cls(net.parameters(), k=0)
@@ -196,8 +195,131 @@ def test_mfac_adapter_equals_solver_on_same_gradients():
     net = _net()
     prob = curvlab.SupervisedLoss(copy.deepcopy(net), lambda o, t: cross_entropy(o, t, reduction="none"), data=(X, y))
     res = curvlab.solvers.MFAC(lr=0.05, ngrads=3, damping=0.1, momentum=0.5).solve(prob, max_iter=6, tol=0.0)
-    opt = curvlab.optim.MFAC(net.parameters(), lr=0.05, ngrads=3, damp=0.1, momentum=0.5)
+    opt = curvlab.optim.MFAC(net.parameters(), lr=0.05, ngrads=3, damping=0.1, momentum=0.5)
     for _ in range(6):
         opt.step(_closure("MFAC", opt, net, X, y))
     torch.testing.assert_close(torch.nn.utils.parameters_to_vector(net.parameters()).detach(), res.flat,
                                rtol=1e-9, atol=1e-11)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- options = solver fields
+@pytest.mark.parametrize("kind", ["EGN", "Sven", "MFAC", "SaddleFreeNewton"])
+def test_adapter_options_are_the_solver_fields(kind):
+    """The adapter's options are generated from its solver's dataclass fields: names, order, defaults."""
+    import dataclasses
+    import inspect
+
+    from curvlab.optim._base import adapter_options
+
+    cls = getattr(curvlab.optim, kind)
+    solver = getattr(curvlab.solvers, kind)
+    skip = set(cls.excluded) | set(cls.fixed)
+    fields = [(f.name, f.default) for f in dataclasses.fields(solver) if f.name not in skip]
+    assert adapter_options(cls) == fields
+    sig = inspect.signature(cls)
+    assert [n for n in sig.parameters][1 : 1 + len(fields)] == [n for n, _ in fields]
+    assert {"distributed", "module"} <= set(sig.parameters)
+    opt = cls(_net().parameters())
+    assert opt.options == dict(fields)
+    for name, _ in fields:  # every field is documented in the adapter's docstring
+        assert f"``{name}=" in cls.__doc__
+
+
+def test_egn_and_sven_take_the_jacobian_option():
+    net = _net()
+    assert curvlab.optim.EGN(net.parameters(), jacobian="rows").options["jacobian"] == "rows"
+    for cls in (curvlab.optim.EGN, curvlab.optim.Sven):
+        with pytest.raises(ValueError, match="per_sample"):
+            cls(net.parameters(), jacobian="per_sample")
+        with pytest.raises(ValueError, match="jacobian"):
+            cls(net.parameters(), jacobian="sideways")
+
+
+def test_mfac_damp_is_a_deprecated_alias(tmp_path):
+    X, y = _data()
+    a, b = _net(), _net()
+    with pytest.warns(DeprecationWarning, match="damp"):
+        old = curvlab.optim.MFAC(a.parameters(), lr=0.05, ngrads=4, damp=0.1)
+    new = curvlab.optim.MFAC(b.parameters(), lr=0.05, ngrads=4, damping=0.1)
+    assert old.options == new.options and old.options["damping"] == 0.1
+    _run("MFAC", a, old, X, y, 3)
+    _run("MFAC", b, new, X, y, 3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(TypeError, match="both"), pytest.warns(DeprecationWarning):
+        curvlab.optim.MFAC(a.parameters(), damp=0.1, damping=0.1)
+    # a state dict saved by the old adapter (param groups carrying "damp") loads into the new one
+    sd = old.state_dict()
+    sd["param_groups"][0]["damp"] = sd["param_groups"][0].pop("damping")
+    fresh = curvlab.optim.MFAC(_net().parameters(), lr=0.05, ngrads=4, damping=0.5)
+    fresh.load_state_dict(sd)
+    assert fresh.options["damping"] == 0.1
+
+
+# --------------------------------------------------------------------------- trial points: RNG and buffers
+def _bn_dropout_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).to(D64)
+
+
+@pytest.mark.parametrize("kind", ["EGN", "SaddleFreeNewton"])
+def test_trial_points_see_the_steps_masks_and_buffers(kind):
+    """Line-search trials replay the first call's dropout masks; with module= they leave BatchNorm alone."""
+    X, y = _data(n=24)
+    net = _bn_dropout_net()
+    make = {
+        "EGN": lambda p, **kw: curvlab.optim.EGN(p, damping=0.3, line_search=True, **kw),
+        "SaddleFreeNewton": lambda p, **kw: curvlab.optim.SaddleFreeNewton(p, k=4, **kw),
+    }[kind]
+    opt = make(net.parameters(), module=net)
+    masks = []
+    hook = net[3].register_forward_hook(lambda m, i, o: masks.append((o == 0) & (i[0] != 0)))
+    calls = []
+
+    def closure():
+        calls.append(int(net[1].num_batches_tracked))
+        out = net(X)
+        if kind == "EGN":
+            return cross_entropy(out, y, reduction="none"), out
+        return cross_entropy(out, y)
+
+    torch.manual_seed(7)
+    opt.step(closure)
+    hook.remove()
+    assert len(masks) >= 2  # the first call and at least one trial
+    assert all(torch.equal(m, masks[0]) for m in masks)  # the same dropout masks at every trial point
+    assert int(net[1].num_batches_tracked) == 1  # BatchNorm updated once: by the step's first call
+    assert calls == [0] * len(calls)  # every trial saw the buffers of the step's start
+    # the user's random stream advanced as by one forward pass; without module= the trials still
+    # share the masks but update BatchNorm (documented)
+    net2 = _bn_dropout_net()
+    ref = copy.deepcopy(net2)
+    opt2 = make(net2.parameters())
+
+    def closure2():
+        out = net2(X)
+        return (cross_entropy(out, y, reduction="none"), out) if kind == "EGN" else cross_entropy(out, y)
+
+    torch.manual_seed(7)
+    ref(X)
+    after_one = torch.rand(3)
+    torch.manual_seed(7)
+    opt2.step(closure2)
+    assert torch.equal(torch.rand(3), after_one)
+    assert int(net2[1].num_batches_tracked) >= 2
+
+
+def test_adapter_state_dict_round_trip_with_module_option(tmp_path):
+    X, y = _data()
+    net = _bn_dropout_net()
+    opt = curvlab.optim.EGN(net.parameters(), damping=0.3, line_search=True, module=net)
+    _run("EGN", net, opt, X, y, 3)
+    ref_net = copy.deepcopy(net)
+    ref_opt = curvlab.optim.EGN(ref_net.parameters(), damping=0.3, line_search=True, module=ref_net)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    torch.manual_seed(3)
+    _run("EGN", net, opt, X, y, 3, start=3)
+    torch.manual_seed(3)
+    _run("EGN", ref_net, ref_opt, X, y, 3, start=3)
+    for p, q in zip(net.state_dict().values(), ref_net.state_dict().values()):
+        assert torch.equal(p, q)
