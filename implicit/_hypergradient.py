@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._linear_solve import LinearSolveInfo
+from curvlab.linalg import KrylovResult
+
 from ._root import _ift_vjp, _setup
 from ._tree import flat_cat
 
@@ -72,7 +73,7 @@ def hypergradient(
         args: extra arguments of ``outer`` and ``inner`` (data, batches). Not
             differentiated. Under ``vmap``, tensors that vary across the batch
             (per-task data) must come in here rather than by closure.
-        full_output: also return the :class:`LinearSolveInfo` of the solve.
+        full_output: also return the :class:`~curvlab.linalg.KrylovResult` of the solve.
         nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
         **solve_options: options of the solver (``tol``, ``maxiter``, ``alpha``, ``K``, ...).
 
@@ -118,13 +119,13 @@ def hypergradient(
 
     grad_y.__name__ = "grad_y(inner)"
     gx_f, gy_f = torch.func.grad(outer, argnums=(0, 1))(x, y_star, *args)
-    arguments, y, fun, system = _setup(grad_y, y_star, (x, *args), solve, nonconvergence, solve_options)
+    arguments, y, fun, system = _setup(grad_y, y_star, (x, *args), solve, nonconvergence, solve_options, symmetric=True)
     th = arguments.tensors
     v = flat_cat([t.to(y[0].dtype) for t in tree_flatten(gy_f)[0]])
     implicit = _ift_vjp(system, fun, y, th, v, list(range(len(x_leaves))))
     direct = tree_flatten(gx_f)[0]
     out = tree_unflatten([d + i.to(d.dtype) for d, i in zip(direct, implicit)], x_def)
     if full_output:
-        info: LinearSolveInfo | None = system.solver.last
+        info: KrylovResult | None = system.solver.last
         return out, info
     return out

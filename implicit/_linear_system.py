@@ -202,7 +202,7 @@ class LinearSystem:
         else:
             mv, rmv, mm = a, (at or at_fresh), _vmap_columns(a)
         dtype, device = y[0].dtype, y[0].device
-        return MatvecOperator(mv, n, dtype, device, rmatvec=rmv, matmat=mm)
+        return MatvecOperator(mv, n, dtype, device, rmatvec=rmv, matmat=mm, symmetric=self.solver.symmetric)
 
     def apply(self, x: Tensor, p: Sequence[Tensor]) -> Tensor:
         """``A(p) x`` (or ``A(p)ᵀ x``) as a differentiable function of ``p``; ``x`` is ``(n,)`` or ``(n, k)``."""

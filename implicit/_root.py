@@ -35,7 +35,9 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._linear_solve import LinearSolveInfo, LinearSolver
+from curvlab.linalg import KrylovResult
+
+from ._linear_solve import LinearSolver
 from ._linear_system import LinearSystem, closure_hint, jvp, linear_solve
 from ._tree import Arguments, flat_cat, split_like
 
@@ -335,8 +337,8 @@ class _CustomRoot:
         self._last_residual: float | None = None
 
     @property
-    def last_solve(self) -> LinearSolveInfo | None:
-        """The :class:`LinearSolveInfo` of the latest implicit linear solve (``None`` before the first)."""
+    def last_solve(self) -> KrylovResult | None:
+        """The :class:`~curvlab.linalg.KrylovResult` of the latest implicit linear solve (``None`` before the first)."""
         return self.linear.last
 
     @property
@@ -455,7 +457,7 @@ def custom_root(
     Returns:
         A decorator. The decorated solver is called as ``solver(init, *theta,
         **kw_theta)`` and returns ``y*`` (or ``(y*, aux)``). Its attributes
-        ``last_solve`` (:class:`LinearSolveInfo`) and ``last_residual``
+        ``last_solve`` (:class:`~curvlab.linalg.KrylovResult`) and ``last_residual``
         (:math:`\|F(y^*, \theta)\|`) report on the latest call.
 
     Raises:
@@ -573,6 +575,7 @@ def _setup(
     solve: str | Callable[..., Any],
     nonconvergence: str,
     solve_options: dict[str, Any],
+    symmetric: bool | None = None,
 ) -> tuple[Arguments, list[Tensor], _Optimality, LinearSystem]:
     if not callable(optimality_fn):
         raise TypeError(f"optimality_fn must be callable F(y, *theta), got {type(optimality_fn).__name__}")
@@ -583,7 +586,8 @@ def _setup(
     n = sum(t.numel() for t in y_leaves)
     name = _fn_name(optimality_fn, "optimality_fn")
     fun = _Optimality(optimality_fn, arguments, y_def, n, name)
-    system = LinearSystem(fun, len(y_leaves), LinearSolver(solve, solve_options, nonconvergence), transpose=False)
+    linear = LinearSolver(solve, solve_options, nonconvergence, symmetric=symmetric)
+    system = LinearSystem(fun, len(y_leaves), linear, transpose=False)
     return arguments, y_leaves, fun, system
 
 

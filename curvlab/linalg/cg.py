@@ -31,7 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._result import KrylovResult, _apply, _check_positive_int, _colnorm, _Columns, _finish, _prepare_system
+from ._result import (
+    KrylovResult,
+    _apply,
+    _check_positive_int,
+    _colnorm,
+    _Columns,
+    _prepare_system,
+    _Raw,
+    _System,
+    _verified,
+)
 
 __all__ = ["cg"]
 
@@ -44,7 +54,7 @@ def cg(
     b: Tensor,
     *,
     x0: Tensor | None = None,
-    tol: float = 1e-5,
+    tol: float | None = None,
     atol: float = 0.0,
     maxiter: int | None = None,
     M: Any = None,
@@ -79,7 +89,9 @@ def cg(
             device are taken from ``b``).
         b: right-hand side, ``(n,)`` or ``(n, k)``.
         x0: starting point shaped like ``b`` (default zeros).
-        tol: relative tolerance on the residual norm.
+        tol: relative tolerance on the residual norm (default
+            :func:`~curvlab.linalg.default_tol` of ``b``'s dtype, ``ε^(2/3)``;
+            values in ``(0, 10 ε)`` are raised to ``10 ε`` with a warning).
         atol: absolute tolerance on the residual norm.
         maxiter: iteration cap (default ``min(10 n, 10000)``).
         M: preconditioner approximating :math:`A^{-1}`, symmetric positive
@@ -88,16 +100,23 @@ def cg(
             synchronisation) only every ``check_every`` iterations; in between,
             finished columns are frozen on the device. Larger values suit GPUs.
         callback: called as ``callback(x)`` after every iteration with the
-            current iterate (shaped like ``b``).
+            current iterate (shaped like ``b``; during a residual-replacement
+            restart, with the restarted columns only).
 
     Returns:
         A :class:`~curvlab.linalg.KrylovResult`. ``residual_norm`` is the
-        recurrence residual :math:`\|r_i\|` (equal to the true residual in exact
-        arithmetic). ``status`` is ``"converged"`` when every column converged,
-        else ``"negative_curvature"`` if some column met non-positive
-        curvature, else ``"breakdown"`` or ``"maxiter"``. ``info`` holds
-        per-column flags ``converged_columns``, ``negative_curvature_columns``
-        and ``breakdown_columns``.
+        recurrence residual :math:`\|r_i\|`, replaced by the true residual
+        :math:`\|b - A x\|` wherever rounding could have made them differ by a
+        tenth of the tolerance (one extra product; see
+        :func:`~curvlab.linalg._result._verified`: a column whose true residual
+        misses the tolerance is restarted from its iterate, and reported
+        ``"stalled"`` if that stops helping), so ``converged`` is true of the true
+        residual. ``status`` is ``"converged"`` when every column converged,
+        else ``"nan"``, ``"negative_curvature"`` if some column met non-positive
+        curvature, else ``"breakdown"``, ``"stalled"`` or ``"max_iter"``. ``info``
+        holds per-column flags ``converged_columns``,
+        ``negative_curvature_columns``, ``breakdown_columns`` and
+        ``stalled_columns``, and ``residual_checks`` (true-residual products).
 
     Raises:
         ValueError: ``A`` not square, ``b`` or ``x0`` of the wrong shape, dtype or
@@ -111,16 +130,23 @@ def cg(
         >>> res.converged, torch.allclose(A @ res.x, torch.tensor([1.0, 2.0], dtype=torch.float64))
         (True, True)
     """
-    sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=True)
+    sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=True, what="cg")
     check_every = _check_positive_int(check_every, "check_every")
+    curv_eps = _CURV_EPS_FACTOR * torch.finfo(sys.B.dtype).eps
+
+    def core(s: _System) -> _Raw:
+        if s.B.shape[1] == 1 and check_every == 1:
+            return _cg_single(s, curv_eps, callback)
+        return _cg_block(s, curv_eps, check_every, callback)
+
+    return _verified(sys, core, "cg")
+
+
+def _cg_block(sys: _System, curv_eps: float, check_every: int, callback: Callable[[Tensor], None] | None) -> _Raw:
+    """Block CG over the ``k`` columns of ``sys.B`` (finished columns frozen, then dropped)."""
     op, Mop, B = sys.op, sys.M, sys.B
     k = B.shape[1]
     start = op.n_matvecs
-    curv_eps = _CURV_EPS_FACTOR * torch.finfo(B.dtype).eps
-
-    if k == 1 and check_every == 1:
-        return _cg_single(sys, curv_eps, callback)
-
     if sys.X0 is None:
         X = torch.zeros_like(B)
         R = B.clone()
@@ -148,6 +174,7 @@ def cg(
     flags = {"conv": conv, "negc": negc, "brk": brk}
     live = ~conv & ~brk
     state, flags, live = _compact(cols, live, state, flags)
+    anorm = torch.zeros((), dtype=B.dtype, device=B.device)
 
     it = 0
     while cols.n_active > 0 and it < sys.maxiter:
@@ -155,7 +182,9 @@ def cg(
         X, R, P, rz = state["X"], state["R"], state["P"], state["rz"]
         AP = op.matmat(P)
         pAp = (P * AP).sum(0)
-        neg = live & (pAp <= curv_eps * _colnorm(P) * _colnorm(AP))
+        pnorm, apnorm = _colnorm(P), _colnorm(AP)
+        anorm = torch.maximum(anorm, torch.nan_to_num(apnorm / torch.where(pnorm > 0, pnorm, 1.0)).max())
+        neg = live & (pAp <= curv_eps * pnorm * apnorm)
         bad = live & ~torch.isfinite(pAp)
         step = live & ~neg & ~bad
         alpha = rz / torch.where(step, pAp, torch.ones_like(pAp))
@@ -181,19 +210,19 @@ def cg(
     if cols.n_active > 0:
         _write(cols, state, flags)
     out = cols.out
-    return _finish(
-        sys,
-        out["X"],
-        out["rnorm"],
-        out["conv"],
+    return _Raw(
+        X=out["X"],
+        rnorm=out["rnorm"],
+        conv=out["conv"],
+        flags={"negative_curvature": out["negc"], "breakdown": out["brk"]},
+        direction=out["D"],
         n_iter=it,
         n_matvecs=op.n_matvecs - start,
-        status_flags={"negative_curvature": out["negc"], "breakdown": out["brk"]},
-        direction=out["D"],
+        anorm=anorm,
     )
 
 
-def _cg_single(sys: Any, curv_eps: float, callback: Callable[[Tensor], None] | None) -> KrylovResult:
+def _cg_single(sys: _System, curv_eps: float, callback: Callable[[Tensor], None] | None) -> _Raw:
     """The same iteration for one right-hand side, with host-side scalars.
 
     A single column needs none of the block path's masking and compaction; its
@@ -217,14 +246,18 @@ def _cg_single(sys: Any, curv_eps: float, callback: Callable[[Tensor], None] | N
     brk = not conv and not (math.isfinite(rnorm) and rz > 0)
     negc = False
     p = z.clone()
+    anorm = 0.0
     it = 0
     while not (conv or brk or negc) and it < sys.maxiter:
         it += 1
         Ap = op.matvec(p)
         pAp = float(torch.dot(p, Ap))
+        pnorm, apnorm = float(torch.linalg.vector_norm(p)), float(torch.linalg.vector_norm(Ap))
+        if pnorm > 0 and math.isfinite(apnorm):
+            anorm = max(anorm, apnorm / pnorm)
         if not math.isfinite(pAp):
             brk = True
-        elif pAp <= curv_eps * float(torch.linalg.vector_norm(p)) * float(torch.linalg.vector_norm(Ap)):
+        elif pAp <= curv_eps * pnorm * apnorm:
             negc = True
         else:
             alpha = rz / pAp
@@ -246,15 +279,15 @@ def _cg_single(sys: Any, curv_eps: float, callback: Callable[[Tensor], None] | N
     def flag(v: bool) -> Tensor:
         return torch.tensor([v], device=b.device)
 
-    return _finish(
-        sys,
-        x[:, None],
-        torch.tensor([rnorm], dtype=b.dtype, device=b.device),
-        flag(conv),
+    return _Raw(
+        X=x[:, None],
+        rnorm=torch.tensor([rnorm], dtype=b.dtype, device=b.device),
+        conv=flag(conv),
+        flags={"negative_curvature": flag(negc), "breakdown": flag(brk)},
+        direction=p[:, None] if negc else torch.zeros_like(x)[:, None],
         n_iter=it,
         n_matvecs=op.n_matvecs - start,
-        status_flags={"negative_curvature": flag(negc), "breakdown": flag(brk)},
-        direction=p[:, None] if negc else torch.zeros_like(x)[:, None],
+        anorm=torch.tensor(anorm, dtype=b.dtype, device=b.device),
     )
 
 

@@ -33,7 +33,7 @@ def gmres(
     b: Tensor,
     *,
     x0: Tensor | None = None,
-    tol: float = 1e-5,
+    tol: float | None = None,
     atol: float = 0.0,
     restart: int = 30,
     maxiter: int | None = None,
@@ -56,7 +56,9 @@ def gmres(
             device from ``b``).
         b: right-hand side, ``(n,)`` or ``(n, k)``.
         x0: starting point shaped like ``b`` (default zeros).
-        tol: relative tolerance on the residual norm.
+        tol: relative tolerance on the residual norm (default
+            :func:`~curvlab.linalg.default_tol` of ``b``'s dtype, ``ε^(2/3)``;
+            values in ``(0, 10 ε)`` are raised to ``10 ε`` with a warning).
         atol: absolute tolerance on the residual norm.
         restart: Krylov dimension per cycle (capped at ``n``).
         maxiter: cap on the total number of Arnoldi steps over all cycles
@@ -69,7 +71,7 @@ def gmres(
         ``n_iter`` the total number of Arnoldi steps and ``n_matvecs`` includes
         the residual products at restarts. ``status`` is ``"converged"``,
         ``"breakdown"`` (the Krylov space became invariant without reaching
-        the tolerance, e.g. for singular ``A``) or ``"maxiter"``.
+        the tolerance, e.g. for singular ``A``) or ``"max_iter"``.
         ``info["restarts"]`` counts the cycles run.
 
     Raises:
@@ -84,7 +86,7 @@ def gmres(
         >>> res.converged, torch.allclose(A @ res.x, b)
         (True, True)
     """
-    sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=False)
+    sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=False, what="gmres")
     restart = min(_check_positive_int(restart, "restart"), sys.n)
     op, Mop, B = sys.op, sys.M, sys.B
     k = B.shape[1]
@@ -133,6 +135,7 @@ def gmres(
         n_matvecs=op.n_matvecs - start,
         status_flags={"breakdown": out["brk"]},
         info={"restarts": cycles},
+        method="gmres",
     )
 
 

@@ -18,12 +18,25 @@ reference implementation of Paige & Saunders (as in SciPy's ``minres``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._result import KrylovResult, _apply, _check_positive_int, _colnorm, _Columns, _finish, _prepare_system
+from curvlab.linops._base import IdentityOperator
+
+from ._result import (
+    KrylovResult,
+    _apply,
+    _check_positive_int,
+    _colnorm,
+    _Columns,
+    _prepare_system,
+    _Raw,
+    _System,
+    _verified,
+)
 
 __all__ = ["minres"]
 
@@ -34,7 +47,7 @@ def minres(
     *,
     x0: Tensor | None = None,
     shift: float = 0.0,
-    tol: float = 1e-5,
+    tol: float | None = None,
     atol: float = 0.0,
     maxiter: int | None = None,
     M: Any = None,
@@ -64,7 +77,9 @@ def minres(
         b: right-hand side, ``(n,)`` or ``(n, k)``.
         x0: starting point shaped like ``b`` (default zeros).
         shift: :math:`\sigma`; the system solved is :math:`(A - \sigma I) x = b`.
-        tol: relative tolerance.
+        tol: relative tolerance on the residual norm (default
+            :func:`~curvlab.linalg.default_tol` of ``b``'s dtype, ``ε^(2/3)``;
+            values in ``(0, 10 ε)`` are raised to ``10 ε`` with a warning).
         atol: absolute tolerance on the residual norm.
         maxiter: iteration cap (default ``min(10 n, 10000)``).
         M: symmetric positive definite preconditioner approximating
@@ -80,7 +95,7 @@ def minres(
         :math:`\|b - \bar A x\|_2`; with ``M`` it is the true 2-norm residual,
         computed at exit with one extra block product (counted in
         ``n_matvecs``). ``status`` is ``"converged"``, ``"breakdown"`` or
-        ``"maxiter"``.
+        ``"max_iter"``.
 
     Raises:
         ValueError: ``A`` not square, ``b`` / ``x0`` of the wrong shape, dtype or
@@ -94,10 +109,20 @@ def minres(
         >>> res.converged, torch.allclose(A @ res.x, b)
         (True, True)
     """
-    sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=True)
+    sys = _prepare_system(A, b, x0=x0, tol=tol, atol=atol, maxiter=maxiter, M=M, symmetric=True, what="minres")
     check_every = _check_positive_int(check_every, "check_every")
-    op, Mop, B = sys.op, sys.M, sys.B
     shift_f = float(shift)
+    if not math.isfinite(shift_f):
+        raise ValueError(f"shift must be a finite number, got {shift!r}")
+    if shift_f != 0.0:  # the verified residual is that of (A - σI) x = b
+        sys.op = sys.op - IdentityOperator(sys.n, sys.B.dtype, sys.B.device, scale=shift_f)
+    return _verified(sys, lambda s: _minres_core(s, check_every), "minres")
+
+
+def _minres_core(sys: _System, check_every: int) -> _Raw:
+    """MINRES on the ``k`` columns of ``sys.B`` (shift already folded into ``sys.op``)."""
+    op, Mop, B = sys.op, sys.M, sys.B
+    shift_f = 0.0
     k = B.shape[1]
     start = op.n_matvecs
     dtype = B.dtype
@@ -154,6 +179,7 @@ def minres(
         cols.write(X=X, rnorm=beta1, conv=conv, brk=brk, lsq=lsq)
         state = cols.keep(live, state)
 
+    anorm_est = torch.zeros((), dtype=dtype, device=B.device)  # max |gamma| <= ‖A‖: a lower estimate
     it = 0
     while cols.n_active > 0 and it < sys.maxiter:
         it += 1
@@ -225,6 +251,7 @@ def minres(
             frozen = s["done"]
             state = {name: torch.where(frozen, s[name], t) for name, t in state.items()}
             state["done"] = frozen | done
+        anorm_est = torch.maximum(anorm_est, torch.nan_to_num(state["gmax"].max()))
         if it % check_every and it != sys.maxiter:
             continue
         live = (~state["done"]).tolist()
@@ -236,12 +263,14 @@ def minres(
     rnorm = out["rnorm"]
     if Mop is not None:
         rnorm = _colnorm(B - apply_abar(out["X"]))
-    return _finish(
-        sys,
-        out["X"],
-        rnorm,
-        out["conv"],
+    return _Raw(
+        X=out["X"],
+        rnorm=rnorm,
+        conv=out["conv"],
+        flags={"breakdown": out["brk"], "least_squares": out["lsq"]},
         n_iter=it,
         n_matvecs=op.n_matvecs - start,
-        status_flags={"breakdown": out["brk"], "least_squares": out["lsq"]},
+        anorm=anorm_est,
+        # with M the test is on the M-norm (the true 2-norm residual is reported as is)
+        exclude=out["lsq"] if Mop is None else torch.ones_like(out["lsq"]),
     )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import implicit
+from curvlab import linalg
 from curvlab.linops import MFACInverse
 from implicit import custom_fixed_point, custom_root, hypergradient, root_jvp, root_vjp
 
@@ -261,7 +262,9 @@ def test_every_solve_on_quadratic(solve, opts) -> None:
         assert solver.last_solve.n_iter <= 2
     # the functional forms agree with the decorator
     if isinstance(solve_arg, str):
-        fn = getattr(implicit, f"solve_{solve_arg}")
+        def fn(matvec, rhs, **o):
+            return linalg.solve(matvec, rhs, solve_arg, **o).x
+
         x = fn(lambda u: A @ u, v, **opts)
         torch.testing.assert_close(x, torch.linalg.solve(A, v), rtol=1e-7, atol=1e-9)
         x2 = fn(A, torch.stack([v, 2 * v], 1), **opts)  # dense matrix, block right-hand side
@@ -272,8 +275,8 @@ def test_solve_functions_accept_linear_operators() -> None:
     G, lam, A, b = _mfac_problem(1)
     fisher_inv = MFACInverse(G, damping=lam)
     # MFACInverse is itself an operator: solving with it as the matrix inverts the inverse
-    for fn in (implicit.solve_cg, implicit.solve_minres, implicit.solve_gmres, implicit.solve_dense):
-        x = fn(fisher_inv, b)
+    for method in ("cg", "minres", "gmres", "dense", "auto"):
+        x = linalg.solve(fisher_inv, b, method).x
         torch.testing.assert_close(x, A @ b, rtol=1e-7, atol=1e-8)
 
 
@@ -478,7 +481,7 @@ def test_non_square_system_and_bad_options() -> None:
     with pytest.raises(ValueError, match="nonconvergence"):
         custom_root(fopt, nonconvergence="panic")
     with pytest.raises(ValueError, match="alpha"):
-        implicit.solve_neumann(torch.eye(2, dtype=DT), torch.ones(2, dtype=DT), alpha=0.0)
+        linalg.solve(torch.eye(2, dtype=DT), torch.ones(2, dtype=DT), "neumann", alpha=0.0)
 
 
 def test_has_aux_passes_aux_through() -> None:

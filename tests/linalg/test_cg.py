@@ -39,7 +39,8 @@ def test_cg_matches_dense_solve_spd(n: int, log_cond: float, seed: int) -> None:
     true_res = torch.linalg.vector_norm(b - A @ res.x)
     assert true_res <= 1e-9 * torch.linalg.vector_norm(b)
     torch.testing.assert_close(res.x, x_ref, rtol=1e-7 * 10**log_cond, atol=1e-10)
-    assert res.n_matvecs == res.n_iter  # no x0: no extra residual product
+    # no x0: no initial residual product; one more only where the true residual was checked
+    assert res.n_matvecs == res.n_iter + res.info["residual_checks"] + res.info["restarts_for_residual"]
     assert not res.negative_curvature and res.direction is None
 
 
@@ -168,7 +169,7 @@ def test_maxiter_zero_rhs_and_callback() -> None:
     A = spd(30, 3.0, seed=16)
     b = randn(30, seed=17)
     res = cg(A, b, maxiter=3, tol=1e-12)
-    assert res.status == "maxiter" and not res.converged and res.n_iter == 3
+    assert res.status == "max_iter" and not res.converged and res.n_iter == 3
     assert res.residual_norm > 0
     zero = cg(A, torch.zeros(30, dtype=F64))
     assert zero.converged and zero.n_iter == 0 and torch.all(zero.x == 0)

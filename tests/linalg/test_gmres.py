@@ -109,7 +109,7 @@ def test_float32() -> None:
 def test_maxiter_singular_and_zero_rhs() -> None:
     A = nonsym(30, 3.0, seed=10)
     res = gmres(A, randn(30, seed=11), maxiter=5, restart=3, tol=1e-12)
-    assert res.status == "maxiter" and not res.converged and res.n_iter == 5
+    assert res.status == "max_iter" and not res.converged and res.n_iter == 5
     zero = gmres(A, torch.zeros(30, dtype=F64))
     assert zero.converged and zero.n_iter == 0 and torch.all(zero.x == 0)
     # singular and incompatible: the Krylov space becomes invariant without solving the system
