@@ -85,8 +85,10 @@ def legacy_level() -> int:
 
 def _flat(gs: Sequence[Tensor], batched: bool) -> Tensor:
     if batched:
-        return torch.cat([g.reshape(g.shape[0], -1) for g in gs], dim=1) if len(gs) > 1 else gs[0].reshape(
-            gs[0].shape[0], -1
+        return (
+            torch.cat([g.reshape(g.shape[0], -1) for g in gs], dim=1)
+            if len(gs) > 1
+            else gs[0].reshape(gs[0].shape[0], -1)
         )
     return torch.cat([g.reshape(-1) for g in gs]) if len(gs) > 1 else gs[0].reshape(-1)
 
@@ -159,7 +161,7 @@ class Recorded:
         return _flat(self._grad(self.y, u, False), False)
 
     def at_block(self, U: Tensor) -> Tensor:
-        r""":math:`A^\top U` for ``U`` of shape ``(n, k)``: one batched pass (a loop where an op has no batching rule)."""
+        r""":math:`A^\top U` for ``U`` of shape ``(n, k)``: one batched pass (else a loop)."""
         if U.shape[1] == 1:
             return self.at(U[:, 0]).unsqueeze(1)
         try:
@@ -168,7 +170,7 @@ class Recorded:
             return torch.stack([self.at(U[:, j]) for j in range(U.shape[1])], dim=1)
 
     def bt(self, U: Tensor, idx: Sequence[int]) -> list[Tensor]:
-        r""":math:`-B^\top U` for ``theta[idx]``: shaped like them for ``(n,)`` ``U``, ``(k, *shape)`` for ``(n, k)``."""
+        r""":math:`-B^\top U` for ``theta[idx]``, shaped like them (``(k, *shape)`` for ``(n, k)``)."""
         inputs = [self.theta[i] for i in idx]
         if U.ndim == 1:
             return [-g for g in self._grad(inputs, U, False)]

@@ -797,9 +797,7 @@ def _setup(
 def _floats_as_tensors(theta: tuple, like: Tensor) -> tuple:
     """Python floats among ``theta``'s leaves as 0-dim tensors of ``like``'s dtype (so they get a derivative)."""
     leaves, treedef = tree_flatten(theta)
-    leaves = [
-        torch.tensor(v, dtype=like.dtype, device=like.device) if isinstance(v, float) else v for v in leaves
-    ]
+    leaves = [torch.tensor(v, dtype=like.dtype, device=like.device) if isinstance(v, float) else v for v in leaves]
     return tree_unflatten(leaves, treedef)
 
 
