@@ -262,6 +262,7 @@ def test_every_solve_on_quadratic(solve, opts) -> None:
         assert solver.last_solve.n_iter <= 2
     # the functional forms agree with the decorator
     if isinstance(solve_arg, str):
+
         def fn(matvec, rhs, **o):
             return linalg.solve(matvec, rhs, solve_arg, **o).x
 
