@@ -331,6 +331,18 @@ class _RootProblem:
         self.residual = float(torch.linalg.vector_norm(Fd))
         self.y_norm = float(torch.linalg.vector_norm(flat_cat(y)))
 
+    def element(self) -> _RootProblem:
+        """A problem for one element of a ``vmap`` batch, sharing the structures found so far."""
+        sub = _RootProblem(self.root, self.arguments, self.grad_mode)
+        for name in ("n_y", "y_def", "y_meta", "optimality", "system"):
+            setattr(sub, name, getattr(self, name))
+        return sub
+
+    def adopt(self, sub: _RootProblem) -> None:
+        """Take the structures (and latest residual) found while solving one ``vmap`` element."""
+        for name in ("n_y", "y_def", "y_meta", "aux_def", "aux_leaves", "optimality", "system", "residual"):
+            setattr(self, name, getattr(sub, name))
+
     def outputs(self, outs: Sequence[Tensor]) -> Any:
         assert self.n_y is not None
         y = tree_unflatten(list(outs[: self.n_y]), self.y_def)
@@ -472,7 +484,9 @@ class _Root(Function):
         outs = []
         with closure_hint(vmap_loop=True):
             for i in range(info.batch_size):
-                outs.append(_Root.apply(problem, *[t if d is None else t.select(d, i) for t, d in zip(tensors, dims)]))
+                sub = problem.element()  # each element records its own F (and derivatives) at its own solution
+                outs.append(_Root.apply(sub, *[t if d is None else t.select(d, i) for t, d in zip(tensors, dims)]))
+                problem.adopt(sub)
         stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
         return stacked, (0,) * len(stacked)
 

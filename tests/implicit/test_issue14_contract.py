@@ -261,3 +261,13 @@ def test_forward_mode_matches_reverse_mode(solve: str) -> None:
     torch.testing.assert_close(tangent, J @ d, rtol=1e-9, atol=1e-11)
     _, tan2 = torch.func.jvp(lambda a: sol(torch.zeros(5, dtype=DT), a, M), (a,), (d,))
     torch.testing.assert_close(tan2, J @ d, rtol=1e-9, atol=1e-11)
+
+
+def test_vmap_then_plain_backward_uses_each_elements_own_solution() -> None:
+    """vmap over the decorated solver, then .backward() outside the transform: per-element records."""
+    X, t = ridge(seed=5)
+    lams = torch.tensor([0.5, 1.0, 3.0], dtype=DT, requires_grad=True)
+    ys = torch.func.vmap(lambda lam: RIDGE(torch.zeros(4, dtype=DT), lam, X, t))(lams)
+    (g,) = torch.autograd.grad((ys**2).sum(), lams)
+    ref = torch.stack([torch.func.grad(lambda lam: (ridge_closed(lam, X, t) ** 2).sum())(lam) for lam in lams.detach()])
+    torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12)
