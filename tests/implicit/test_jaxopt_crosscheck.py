@@ -151,6 +151,7 @@ def test_ridge_jacobian_matches_jaxopt_custom_root() -> None:
     np.testing.assert_allclose(J.numpy(), J_jax, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow  # jaxopt's eager jacobian; the same problem is checked against its closed form in test_ported_cases
 def test_lasso_fixed_point_matches_jaxopt_prox() -> None:
     from jaxopt import prox
 
@@ -186,6 +187,7 @@ def test_lasso_fixed_point_matches_jaxopt_prox() -> None:
     np.testing.assert_allclose(J.numpy(), J_jax, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.slow  # jaxopt's eager jacobian; finite differences check the same problem in test_ported_cases
 def test_svm_dual_on_the_simplex_matches_jaxopt_projection() -> None:
     from jaxopt import projection
 
