@@ -52,6 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--neumann-K", type=int, default=100)
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--forward", action="store_true", help="also time root_jvp against root_vjp (issue 14 item 6)")
     return p.parse_args()
 
 
@@ -359,7 +360,31 @@ def run_problem(P: dict) -> list[tuple[str, float, float, str]]:
         print(f"  {name:58s} {sec * 1e3:10.2f} ms   rel. err {err:.2e}  {note}")
     if ARGS.profile:
         profile(built[0][1])
+    if ARGS.forward:
+        forward_vs_reverse(P, w)
     return rows
+
+
+def forward_vs_reverse(P: dict, w: np.ndarray) -> None:
+    """``root_jvp`` (one tangent) against ``root_vjp`` (one cotangent) on the same F; and the dot test."""
+    Xtr, ytr = (torch.from_numpy(P[k]) for k in ("Xtr", "ytr"))
+    theta, w_t = torch.from_numpy(P["theta"]), torch.from_numpy(w)
+    F = torch.func.grad(t_inner)
+    v = torch.from_numpy(np.random.default_rng(3).normal(size=w.shape[0]))
+    for solve in (dict(solve="auto"), dict(solve="cg", tol=ARGS.tol)):
+
+        def rev(solve: dict = solve) -> np.ndarray:
+            return implicit.root_vjp(F, w_t, (theta, Xtr, ytr), v, nonconvergence="ignore", **solve)[0].numpy()
+
+        def fwd(solve: dict = solve) -> np.ndarray:
+            return implicit.root_jvp(F, w_t, (theta, Xtr, ytr), (v, None, None), nonconvergence="ignore", **solve)
+
+        (t_r, g_r), (t_f, g_f) = time_interleaved([rev, lambda: fwd().numpy()], ARGS.repeats)
+        dot = abs(float(g_f @ v.numpy() - g_r @ v.numpy()))
+        print(
+            f"  root_jvp vs root_vjp, {solve}: {t_f * 1e3:.2f} ms vs {t_r * 1e3:.2f} ms = {t_f / t_r:.2f}×, "
+            f"|<Jv,v> - <v,Jᵀv>| = {dot:.1e}"
+        )
 
 
 def profile(fn: Callable[[], np.ndarray], calls: int = 20) -> None:
