@@ -51,11 +51,12 @@ from ._linear_solve import (  # noqa: E402, F401 - the solve_* are deprecated al
     solve_neumann,
     solve_normal_cg,
 )
-from ._root import custom_fixed_point, custom_root, root_jvp, root_vjp  # noqa: E402
+from ._root import OptimalityWarning, custom_fixed_point, custom_root, root_jvp, root_vjp  # noqa: E402
 
 __all__ = [
     "LinearSolveError",
     "LinearSolveWarning",
+    "OptimalityWarning",
     "custom_fixed_point",
     "custom_root",
     "hypergradient",

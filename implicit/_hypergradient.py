@@ -8,7 +8,8 @@ with :math:`F = \nabla_y g`; Lorraine et al. 2020, eq. (3)) gives
     \frac{d f}{d x} = \nabla_x f - \partial^2_{xy} g\,\big[\partial^2_{yy} g\big]^{-1} \nabla_y f ,
 
 evaluated at :math:`(x, y^*)`. The inverse-Hessian-vector product is one
-linear solve with the (symmetric) inner Hessian: CG by default,
+linear solve with the (symmetric) inner Hessian: ``solve="auto"`` (a small
+Hessian formed with one batched product and factored, CG otherwise),
 ``solve="neumann"`` for Lorraine et al.'s truncated series.
 """
 
@@ -23,7 +24,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.linalg import KrylovResult
 
-from ._root import _ift_vjp, _setup
+from ._graph import Recorded, check_forward_levels, foreign_leaves
+from ._linear_solve import LinearSolver
+from ._root import _ift_vjp, _operator, _plain, _setup, _warn_residual
 from ._tree import flat_cat
 
 __all__ = ["hypergradient"]
@@ -42,7 +45,7 @@ def hypergradient(
     inner: Callable[[Any, Any], Tensor],
     x: Any,
     y_star: Any,
-    solve: str | Callable[..., Any] = "cg",
+    solve: str | Callable[..., Any] = "auto",
     *,
     args: tuple = (),
     full_output: bool = False,
@@ -56,9 +59,13 @@ def hypergradient(
     approximation is ``solve="neumann", alpha=..., K=...``). One solve of
     :math:`\partial^2_{yy} g(x, y^*)\, w = \nabla_y f(x, y^*)` with
     Hessian-vector products, then one mixed second-derivative product
-    :math:`\partial^2_{xy} g\, w`; no Hessian is formed.
+    :math:`\partial^2_{xy} g\, w`. ``inner`` and ``outer`` are evaluated once
+    each: on plain tensors :math:`\nabla_y g` is recorded by autograd and every
+    Hessian product is one backward pass through it (a small Hessian, ``n <= 256``
+    with ``solve="auto"``, is formed by one batched pass and factored).
 
-    All products are ``torch.func`` transforms, so the result can be
+    Under ``torch.func`` transforms (or when ``x``/``y_star`` require grad) the
+    products are differentiable ``torch.func`` transforms, so the result can be
     ``vmap``-ed over a batch of hyperparameters/tasks (each task's solve runs on
     its own) and differentiated again.
 
@@ -68,8 +75,9 @@ def hypergradient(
             minimised over ``y`` at ``y_star``.
         x: the hyperparameters: a tensor or a tuple/list/dict of tensors.
         y_star: the inner solution :math:`y^*(x)`, same kinds of structure.
-        solve: linear solver for the inner Hessian (see :func:`custom_root`);
-            ``"cg"`` suits a strongly convex inner problem.
+        solve: linear solver for the inner Hessian (see :func:`custom_root`); the
+            default ``"auto"`` treats the Hessian as symmetric (dense factorisation
+            when small, CG otherwise, MINRES if CG meets negative curvature).
         args: extra arguments of ``outer`` and ``inner`` (data, batches). Not
             differentiated. Under ``vmap``, tensors that vary across the batch
             (per-task data) must come in here rather than by closure.
@@ -83,8 +91,14 @@ def hypergradient(
 
     Raises:
         TypeError: ``x`` or ``y_star`` an ``nn.Module`` or not made of tensors.
-        ValueError: ``outer`` or ``inner`` not returning a scalar.
+        ValueError: ``outer`` or ``inner`` not returning a scalar, or closing over a
+            tensor that requires grad.
+        NotImplementedError: under forward-over-forward transforms.
         LinearSolveError: with ``nonconvergence="raise"``.
+
+    Warns:
+        OptimalityWarning: :math:`\nabla_y g(x, y^*)` is far from zero (``y_star`` is
+            not the inner minimiser, or ``x`` and ``y_star`` were swapped).
 
     Example:
         >>> X = torch.randn(30, 4, dtype=torch.float64); t = torch.randn(30, dtype=torch.float64)
@@ -109,9 +123,86 @@ def hypergradient(
         raise TypeError(f"x must be a floating-point tensor or a tuple/list/dict of them, got {type(x).__name__}")
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple, got {type(args).__name__}")
+    check_forward_levels("hypergradient")
+    y_leaves, y_def = tree_flatten(y_star)
+    if not y_leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in y_leaves):
+        raise TypeError(
+            f"y_star must be a floating-point tensor or a tuple/list/dict of them, got {type(y_star).__name__}"
+        )
+    linear = LinearSolver(solve, solve_options, nonconvergence, symmetric=True)
+    if _plain(x_leaves, y_leaves, args):
+        out, info = _recorded(outer, inner, x_leaves, x_def, y_leaves, y_def, args, linear)
+    else:
+        out, info = _transformed(outer, inner, x, x_def, y_star, args, solve, nonconvergence, solve_options)
+    return (out, info) if full_output else out
+
+
+_ORDER_HINT = (
+    " Check the argument order: hypergradient(outer, inner, x, y_star) calls inner(x, y) and outer(x, y), "
+    "hyperparameters first (custom_root's optimality_fn takes (y, *theta), the solution first)."
+)
+
+
+def _scalar(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(
+            f"{name}(x, y, *args) must return a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}"
+        )
+    return value.reshape(())
+
+
+def _recorded(
+    outer: Callable[..., Tensor],
+    inner: Callable[..., Tensor],
+    x_leaves: list[Tensor],
+    x_def: Any,
+    y_leaves: list[Tensor],
+    y_def: Any,
+    args: tuple,
+    linear: LinearSolver,
+) -> tuple[Any, KrylovResult | None]:
+    """Plain autograd: ``∇_y g`` recorded once (with ``create_graph``), Hessian products as backward passes."""
+    with torch.enable_grad():
+        xl = [t.detach().requires_grad_() for t in x_leaves]
+        yl = [t.detach().requires_grad_() for t in y_leaves]
+        xt, yt = tree_unflatten(xl, x_def), tree_unflatten(yl, y_def)
+        g = _scalar(inner(xt, yt, *args), "inner")
+        f = _scalar(outer(xt, yt, *args), "outer")
+        gy = torch.autograd.grad(g, yl, create_graph=True, allow_unused=True, materialize_grads=True)
+        fg = torch.autograd.grad(f, [*xl, *yl], allow_unused=True, materialize_grads=True)
+    F = flat_cat(list(gy))
+    for leaf, name in ((f, "outer"), (g, "inner")):
+        stray = foreign_leaves(leaf, [*xl, *yl])
+        if stray:
+            raise ValueError(
+                f"{name} depends on a tensor that requires grad but is neither x nor y_star nor in args (it closes "
+                f"over it: shape {tuple(stray[0].shape)}); pass it through args= or detach it"
+            )
+    gx_f, gy_f = fg[: len(xl)], fg[len(xl) :]
+    rec = Recorded(F, yl, xl)
+    v = flat_cat([t.to(F.dtype) for t in gy_f])
+    u = linear(_operator(rec, linear, transpose=True), v)
+    _warn_residual(
+        linear.last, float(F.detach().norm()), float(flat_cat(y_leaves).norm()), "hypergradient", _ORDER_HINT
+    )
+    implicit = rec.bt(u, list(range(len(xl))))
+    return tree_unflatten([d + i.to(d.dtype) for d, i in zip(gx_f, implicit)], x_def), linear.last
+
+
+def _transformed(
+    outer: Callable[..., Tensor],
+    inner: Callable[..., Tensor],
+    x: Any,
+    x_def: Any,
+    y_star: Any,
+    args: tuple,
+    solve: Any,
+    nonconvergence: str,
+    solve_options: dict[str, Any],
+) -> tuple[Any, KrylovResult | None]:
+    """Under ``torch.func`` transforms (or when the result is differentiated again): differentiable products."""
     _check_scalar(outer, "outer", x, y_star, args)
     _check_scalar(inner, "inner", x, y_star, args)
-
     grad_y_inner = torch.func.grad(inner, argnums=1)
 
     def grad_y(y: Any, xx: Any, *a: Any) -> Any:  # the inner optimality condition ∇_y g(x, y) = 0
@@ -121,11 +212,9 @@ def hypergradient(
     gx_f, gy_f = torch.func.grad(outer, argnums=(0, 1))(x, y_star, *args)
     arguments, y, fun, system = _setup(grad_y, y_star, (x, *args), solve, nonconvergence, solve_options, symmetric=True)
     th = arguments.tensors
+    n_x = len(tree_flatten(x)[0])
     v = flat_cat([t.to(y[0].dtype) for t in tree_flatten(gy_f)[0]])
-    implicit = _ift_vjp(system, fun, y, th, v, list(range(len(x_leaves))))
+    implicit = _ift_vjp(system, fun, y, th, v, list(range(n_x)))
     direct = tree_flatten(gx_f)[0]
     out = tree_unflatten([d + i.to(d.dtype) for d, i in zip(direct, implicit)], x_def)
-    if full_output:
-        info: KrylovResult | None = system.solver.last
-        return out, info
-    return out
+    return out, system.solver.last

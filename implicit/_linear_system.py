@@ -35,6 +35,7 @@ from torch.autograd import Function
 
 from curvlab.linops import LinearOperator, MatvecOperator
 
+from ._graph import is_legacy_batched, legacy_level
 from ._linear_solve import LinearSolver
 from ._tree import split_like
 
@@ -255,13 +256,24 @@ class _LinearSolve(Function):
     def backward(ctx: Any, x_bar: Tensor) -> tuple:
         x, *p = ctx.saved_tensors
         system: LinearSystem = ctx.system
-        b_bar = _LinearSolve.apply(system.T, x_bar, *p)
+        level = None
+        if is_legacy_batched(x_bar):  # is_grads_batched=True: a block of cotangents, solved at once
+            level = legacy_level()
+            X = torch._remove_batch_dim(x_bar, level, 1, 0)  # (k, *x.shape)
+            k = X.shape[0]
+            rhs = X.movedim(0, -1).reshape(x.shape[0], -1)
+            b_bar = _LinearSolve.apply(system.T, rhs, *p).reshape(*x.shape, k).movedim(-1, 0)
+        else:
+            b_bar = _LinearSolve.apply(system.T, x_bar, *p)
         idx = _floating(p, ctx.needs_input_grad[2:])
         p_bar: list[Tensor | None] = [None] * len(p)
         if idx:
             _, vjp_fn = torch.func.vjp(lambda *q: system.apply(x, _with(p, idx, q)), *[p[i] for i in idx])
-            for i, g in zip(idx, vjp_fn(b_bar)):
-                p_bar[i] = -g
+            grads = vjp_fn(b_bar) if level is None else torch.func.vmap(vjp_fn)(b_bar)
+            for i, g in zip(idx, grads):
+                p_bar[i] = -g if level is None else torch._add_batch_dim(-g, 0, level)
+        if level is not None:
+            b_bar = torch._add_batch_dim(b_bar, 0, level)
         return (None, b_bar if ctx.needs_input_grad[1] else None, *p_bar)
 
     @staticmethod

@@ -17,9 +17,10 @@ so, without differentiating the solver that produced :math:`y^*`,
   :math:`\bar v` of :math:`y^*`, then :math:`\bar\theta = -B^\top u`;
 * forward mode (eq. (3)): :math:`\dot y = -A^{-1} (B\dot\theta)`.
 
-Products with :math:`A`, :math:`A^\top`, :math:`B`, :math:`B^\top` come from
-``torch.func.jvp``/``vjp`` of the user's :math:`F`; the linear solve is
-pluggable (:mod:`implicit._linear_solve`). Fixed points :math:`y = T(y, \theta)`
+Products with :math:`A`, :math:`A^\top`, :math:`B`, :math:`B^\top` come from one
+recorded evaluation of :math:`F` (:mod:`implicit._graph`) outside ``torch.func``
+transforms, and from ``torch.func.jvp``/``vjp`` of :math:`F` inside them; the
+linear solve is :func:`curvlab.linalg.solve`. Fixed points :math:`y = T(y, \theta)`
 use :math:`F = T - y` (Blondel et al., §2.2).
 """
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,14 +39,49 @@ from torch.autograd import Function
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.linalg import KrylovResult
+from curvlab.linops import MatvecOperator
 
+from ._graph import (
+    Recorded,
+    check_forward_levels,
+    foreign_leaves,
+    functorch_active,
+    is_legacy_batched,
+    legacy_level,
+)
 from ._linear_solve import LinearSolver
 from ._linear_system import LinearSystem, closure_hint, jvp, linear_solve
 from ._tree import Arguments, flat_cat, split_like
 
-__all__ = ["custom_fixed_point", "custom_root", "root_jvp", "root_vjp"]
+__all__ = ["OptimalityWarning", "custom_fixed_point", "custom_root", "root_jvp", "root_vjp"]
 
 _TENSOR = object()  # placeholder for a tensor leaf of aux
+
+
+class OptimalityWarning(UserWarning):
+    r"""The solution handed to implicit differentiation is far from a root of the optimality condition.
+
+    The implicit function theorem differentiates the exact root; at a point
+    :math:`y` with :math:`F(y, \theta) \ne 0` the derivatives are those of a
+    nearby root, off by about the relative distance to it. The warning states
+    that distance, estimated as :math:`\|F\| / (\|A\|\,\|y\|)`.
+    """
+
+
+#: Warn when the estimated relative distance of y to the root exceeds max(this, sqrt(eps)).
+_RESIDUAL_WARN = 1e-4
+
+
+#: Messages of errors that torch.autograd.grad raises inside F when F cannot be run with autograd leaves.
+_AUTOGRAD_GRAD_ERRORS = ("does not require grad", "element 0 of tensors", "not have been used in the graph")
+
+
+def _autograd_grad_hint(name: str, e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"{name} failed: {e}. It seems to compute a gradient with torch.autograd.grad (or to call "
+        "requires_grad_ on its inputs); write it with torch.func.grad instead (e.g. optimality_fn = "
+        "torch.func.grad(inner_objective)): implicit differentiates F itself, with autograd and torch.func."
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -65,8 +103,14 @@ class _Optimality:
 
     def __call__(self, y_leaves: Sequence[Tensor], theta: Sequence[Tensor]) -> Tensor:
         y = tree_unflatten(list(y_leaves), self.y_def)
-        with self.arguments.theta(theta) as (args, kwargs):
-            out = self.fn(y, *args, **kwargs)
+        try:
+            with self.arguments.theta(theta) as (args, kwargs):
+                out = self.fn(y, *args, **kwargs)
+        except RuntimeError as e:
+            msg = str(e)
+            if any(k in msg for k in _AUTOGRAD_GRAD_ERRORS):
+                raise _autograd_grad_hint(self.name, e) from e
+            raise
         leaves = tree_flatten(out)[0]
         if not leaves or not all(isinstance(t, Tensor) for t in leaves):
             raise TypeError(
@@ -100,10 +144,39 @@ def _validate_y(y: Any, what: str) -> tuple[list[Tensor], Any]:
     return leaves, y_def
 
 
+# --------------------------------------------------------------------------- #
+# the two routes: recorded graph (plain autograd) and torch.func (transforms)
+# --------------------------------------------------------------------------- #
+def _record(
+    fun: _Optimality, y: Sequence[Tensor], theta: Sequence[Tensor], diff: Sequence[bool]
+) -> tuple[Recorded, list[Tensor]]:
+    """Evaluate ``F`` once with ``y`` and the ``diff`` theta as fresh autograd leaves; also return all leaves."""
+    with torch.enable_grad():
+        yl = [t.detach().requires_grad_() for t in y]
+        tl = [t.detach().requires_grad_() if d else t.detach() for t, d in zip(theta, diff)]
+        F = fun(yl, tl)
+    return Recorded(F, yl, tl), [*yl, *(t for t, d in zip(tl, diff) if d)]
+
+
+def _check_closure(fun: _Optimality, F: Tensor, ours: Sequence[Tensor]) -> None:
+    """Refuse an ``F`` that depends on a tensor requiring grad which is not among its arguments."""
+    if not F.requires_grad:
+        return
+    foreign = foreign_leaves(F, ours)
+    if foreign:
+        shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:3])
+        raise ValueError(
+            f"{fun.name} depends on a tensor that requires grad but is not among the arguments theta (it closes "
+            f"over it: shape {shapes}), so its gradient would be silently dropped. Pass every tensor you "
+            "differentiate with respect to as an argument: solver(init, *theta) and optimality_fn(y, *theta) "
+            "(nn.Module arguments are supported)."
+        )
+
+
 def _ift_vjp(
     system: LinearSystem, fun: _Optimality, y: Sequence[Tensor], theta: Sequence[Tensor], v: Tensor, idx: list[int]
 ) -> list[Tensor]:
-    r"""Reverse mode (Blondel et al. eq. (4)): :math:`u = A^{-\top}\bar v`, return :math:`-B^\top u`.
+    r"""Reverse mode (Blondel et al. eq. (4)), differentiable: :math:`u = A^{-\top}\bar v`, return :math:`-B^\top u`.
 
     Only the entries ``theta[idx]`` are differentiated.
     """
@@ -126,7 +199,7 @@ def _ift_jvp(
     theta: Sequence[Tensor],
     tangents: Sequence[Tensor | None],
 ) -> Tensor:
-    r"""Forward mode (Blondel et al. eq. (3)): :math:`\dot y = -A^{-1} B\dot\theta` as a flat vector."""
+    r"""Forward mode (Blondel et al. eq. (3)), differentiable: :math:`\dot y = -A^{-1} B\dot\theta` (flat)."""
     idx = [i for i, (t, d) in enumerate(zip(theta, tangents)) if d is not None and t.is_floating_point()]
     if not idx:
         return torch.zeros(fun.n, dtype=y[0].dtype, device=y[0].device)
@@ -141,15 +214,47 @@ def _ift_jvp(
     return -linear_solve(system, b_dot, [*y, *theta])
 
 
+def _operator(rec: Recorded, linear: LinearSolver, transpose: bool) -> MatvecOperator:
+    """``Aᵀ`` (``transpose``) or ``A`` of a recorded ``F`` as an operator for :func:`curvlab.linalg.solve`."""
+    F = rec.F
+    if linear.symmetric:  # A = Aᵀ: no second-order graph needed
+        mv, mm, rmv = rec.at, rec.at_block, rec.at
+    elif transpose:
+        mv, mm, rmv = rec.at, rec.at_block, rec.a
+    else:
+        mv, mm, rmv = rec.a, rec.a_block, rec.at
+    return MatvecOperator(mv, rec.n, F.dtype, F.device, matmat=mm, rmatvec=rmv, symmetric=linear.symmetric)
+
+
+def _warn_residual(res: KrylovResult | None, fnorm: float | None, ynorm: float, what: str, hint: str = "") -> None:
+    """Warn (:class:`OptimalityWarning`) when ``y`` is far from a root: ``‖F‖ / (‖A‖ ‖y‖)`` above the threshold."""
+    if res is None or fnorm is None or not math.isfinite(fnorm) or fnorm == 0.0:
+        return
+    anorm = res.info.get("anorm")
+    if anorm is None or not anorm > 0:
+        return
+    dist = fnorm / (anorm * ynorm) if ynorm > 0 else math.inf
+    limit = max(_RESIDUAL_WARN, float(torch.finfo(res.x.dtype).eps) ** 0.5)
+    if dist > limit:
+        warnings.warn(
+            f"{what}: the solution is far from a root of the optimality condition (‖F(y*, θ)‖ = {fnorm:.3g}, "
+            f"about {dist:.2g} of ‖y*‖ away by a Newton step estimate), so the implicit derivatives are those of "
+            f"a nearby point, not exact: solve the inner problem more accurately.{hint}",
+            OptimalityWarning,
+            stacklevel=4,
+        )
+
+
 # --------------------------------------------------------------------------- #
 # custom_root
 # --------------------------------------------------------------------------- #
 class _RootProblem:
     """Everything one call of a decorated solver needs (passed through ``Function.apply`` as a constant)."""
 
-    def __init__(self, root: _CustomRoot, arguments: Arguments) -> None:
+    def __init__(self, root: _CustomRoot, arguments: Arguments, grad_mode: bool) -> None:
         self.root = root
         self.arguments = arguments
+        self.grad_mode = grad_mode
         self.n_y: int | None = None
         self.y_def: Any = None
         self.y_meta: list[tuple[torch.Size, torch.dtype]] | None = None
@@ -158,10 +263,13 @@ class _RootProblem:
         self.optimality: _Optimality | None = None
         self.system: LinearSystem | None = None
         self.residual: float | None = None
+        self.y_norm: float = 0.0
+        self.rec: Recorded | None = None
 
-    # forward: run the solver, record structures, validate F once
+    # forward: run the solver, record structures, evaluate F once
     def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
         root, arguments = self.root, self.arguments
+        wants = [t.requires_grad and t.is_floating_point() for t in tensors[arguments.n_init :]]
         tensors = [t.detach() for t in tensors]
         init = arguments.init(tensors[: arguments.n_init])
         theta = tensors[arguments.n_init :]
@@ -176,6 +284,7 @@ class _RootProblem:
             y, aux = out
         else:
             y, aux = out, None
+            _check_no_aux(out, init, root.solver_name)
         y_leaves, y_def = _validate_y(y, f"the solution returned by {root.solver_name}")
         if self.y_def is None:
             self.y_def, self.n_y = y_def, len(y_leaves)
@@ -191,35 +300,48 @@ class _RootProblem:
         self.aux_leaves = [_TENSOR if isinstance(a, Tensor) else a for a in aux_leaves]
         aux_out = [a.detach() for a in aux_leaves if isinstance(a, Tensor)]
         with closure_hint():
-            self._check_optimality(y_out, theta)
+            self._evaluate(y_out, theta, wants)
         return (*y_out, *aux_out)
 
-    def _check_optimality(self, y: list[Tensor], theta: list[Tensor]) -> None:
-        assert self.optimality is not None
-        try:
+    def _evaluate(self, y: list[Tensor], theta: list[Tensor], wants: list[bool]) -> None:
+        """``F`` at the solution, once: recorded for the derivatives when they will be asked for outside transforms."""
+        fun = self.optimality
+        assert fun is not None
+        forward_ad = torch.autograd.forward_ad._current_level >= 0
+        plain = not functorch_active()
+        if plain and (self.grad_mode or forward_ad):
+            # recorded with y (and the theta that are differentiated) as leaves: the derivatives reuse it
+            diff = [t.is_floating_point() for t in theta] if forward_ad else wants
+            rec, ours = _record(fun, y, theta, diff)
+            F = rec.F
+            _check_closure(fun, F, ours)
+            if any(diff):
+                self.rec = rec
+        elif self.grad_mode:
             with torch.enable_grad():
-                F = self.optimality(y, theta)
-        except RuntimeError as e:
-            if "does not require grad" not in str(e):
-                raise
-            raise RuntimeError(
-                f"{self.root.optimality_name} failed at the solution: {e}. If it computes a gradient with "
-                "torch.autograd.grad, write it with torch.func.grad instead (e.g. optimality_fn = "
-                "torch.func.grad(inner_objective)): implicit differentiates F with torch.func transforms."
-            ) from e
+                F = fun(y, theta)
+            if any(t.requires_grad for t in (*y, *theta)):  # F made our detached inputs require grad
+                raise _autograd_grad_hint(fun.name, RuntimeError("it set requires_grad on y or theta"))
+            _check_closure(fun, F, [])
+        else:
+            F = fun(y, theta)
         if F.dtype != y[0].dtype:
-            raise TypeError(
-                f"{self.root.optimality_name} returned F of dtype {F.dtype} for y of dtype {y[0].dtype}; "
-                "they must match"
-            )
-        if F.requires_grad:
-            raise ValueError(
-                f"{self.root.optimality_name} depends on a tensor that requires grad but is not among the "
-                "arguments theta (it closes over it), so its gradient would be silently dropped. Pass every "
-                "tensor you differentiate with respect to as an argument: solver(init, *theta) and "
-                "optimality_fn(y, *theta) (nn.Module arguments are supported)."
-            )
-        self.residual = float(torch.linalg.vector_norm(F.detach()))
+            raise TypeError(f"{fun.name} returned F of dtype {F.dtype} for y of dtype {y[0].dtype}; they must match")
+        Fd = F.detach()
+        self.residual = float(torch.linalg.vector_norm(Fd))
+        self.y_norm = float(torch.linalg.vector_norm(flat_cat(y)))
+
+    def element(self) -> _RootProblem:
+        """A problem for one element of a ``vmap`` batch, sharing the structures found so far."""
+        sub = _RootProblem(self.root, self.arguments, self.grad_mode)
+        for name in ("n_y", "y_def", "y_meta", "optimality", "system"):
+            setattr(sub, name, getattr(self, name))
+        return sub
+
+    def adopt(self, sub: _RootProblem) -> None:
+        """Take the structures (and latest residual) found while solving one ``vmap`` element."""
+        for name in ("n_y", "y_def", "y_meta", "aux_def", "aux_leaves", "optimality", "system", "residual"):
+            setattr(self, name, getattr(sub, name))
 
     def outputs(self, outs: Sequence[Tensor]) -> Any:
         assert self.n_y is not None
@@ -229,6 +351,50 @@ class _RootProblem:
         it = iter(outs[self.n_y :])
         aux = tree_unflatten([next(it) if a is _TENSOR else a for a in self.aux_leaves], self.aux_def)
         return y, aux
+
+    # derivatives on the recorded graph
+    def fast_vjp(self, v: Tensor, idx: list[int]) -> list[Tensor]:
+        """``-Bᵀ A⁻ᵀ v`` for ``theta[idx]`` (``v``: ``(n,)`` or ``(n, k)``; results ``(k, *shape)`` for a block)."""
+        rec, linear = self.rec, self.root.linear
+        assert rec is not None
+        u = linear(_operator(rec, linear, transpose=True), v)
+        _warn_residual(linear.last, self.residual, self.y_norm, self.root.solver_name)
+        return rec.bt(u, idx)
+
+    def fast_jvp(self, tangents: Sequence[Tensor | None]) -> Tensor:
+        """``-A⁻¹ B θ̇`` (flat) for tangents aligned with theta."""
+        rec, linear = self.rec, self.root.linear
+        assert rec is not None
+        b_dot = rec.b(tangents)
+        y_dot = linear(_operator(rec, linear, transpose=False), b_dot)
+        _warn_residual(linear.last, self.residual, self.y_norm, self.root.solver_name)
+        return -y_dot
+
+
+def _check_no_aux(out: Any, init: Any, solver_name: str) -> None:
+    """``has_aux=False`` but the solver returned ``(y, aux)``: say so before ``F`` fails on the pair."""
+    if not (isinstance(out, tuple) and len(out) == 2) or init is None:
+        return
+    init_def = tree_flatten(init)[1]
+    if tree_flatten(out)[1] == init_def:
+        return
+    first = out[0]
+    if tree_flatten(first)[1] == init_def:
+        raise TypeError(
+            f"the solver {solver_name} returned a pair whose first entry is structured like init and the second "
+            "is extra: if it returns (y_star, aux), decorate it with has_aux=True"
+        )
+
+
+def _legacy_unbatch(grads: Sequence[Tensor | None]) -> tuple[list[Tensor | None], int | None]:
+    """Grads batched by ``is_grads_batched=True`` as plain ``(k, ...)`` tensors, and the legacy-vmap level."""
+    if not any(is_legacy_batched(g) for g in grads):
+        return list(grads), None
+    level = legacy_level()
+    out = [torch._remove_batch_dim(g, level, 1, 0) if is_legacy_batched(g) else g for g in grads]
+    k = next(g.shape[0] for g, o in zip(out, grads) if is_legacy_batched(o))
+    out = [g if g is None or is_legacy_batched(o) else g.expand(k, *g.shape) for g, o in zip(out, grads)]
+    return out, level
 
 
 class _Root(Function):
@@ -258,12 +424,34 @@ class _Root(Function):
         needs = ctx.needs_input_grad[1 + n_init :]
         idx = [i for i, t in enumerate(theta) if needs[i] and t.is_floating_point()]
         out: list[Tensor | None] = [None] * (1 + n_init + len(theta))
-        g_y = grads[:n_y]
+        g_y = list(grads[:n_y])
         if not idx or all(g is None for g in g_y):
             return tuple(out)
-        v = flat_cat([torch.zeros_like(t) if g is None else g for g, t in zip(g_y, y)])
-        for i, g in zip(idx, _ift_vjp(problem.system, problem.optimality, y, theta, v, idx)):
-            out[1 + n_init + i] = g
+        g_y, level = _legacy_unbatch(g_y)
+        batched = level is not None
+        if batched:
+            k = next(g.shape[0] for g in g_y if g is not None)
+            V = torch.cat(
+                [(t.new_zeros(k, t.numel()) if g is None else g.reshape(k, -1)) for g, t in zip(g_y, y)],
+                dim=1,
+            ).T
+        else:
+            V = flat_cat([torch.zeros_like(t) if g is None else g for g, t in zip(g_y, y)])
+        fast = (
+            problem.rec is not None
+            and not torch.is_grad_enabled()
+            and not functorch_active()
+            and all(problem.rec.theta[i].requires_grad for i in idx)
+        )
+        if fast:
+            values = problem.fast_vjp(V, idx)
+        elif batched:  # general route, one cotangent at a time
+            cols = [_ift_vjp(problem.system, problem.optimality, y, theta, V[:, j], idx) for j in range(V.shape[1])]
+            values = [torch.stack([c[i] for c in cols]) for i in range(len(idx))]
+        else:
+            values = _ift_vjp(problem.system, problem.optimality, y, theta, V, idx)
+        for i, g in zip(idx, values):
+            out[1 + n_init + i] = torch._add_batch_dim(g, 0, level) if batched else g
         return tuple(out)
 
     @staticmethod
@@ -272,7 +460,20 @@ class _Root(Function):
         n_y, n_init = problem.n_y, problem.arguments.n_init
         saved = ctx.saved_tensors
         y, theta = saved[:n_y], saved[n_y:]
-        y_dot = split_like(_ift_jvp(problem.system, problem.optimality, y, theta, tangents[n_init:]), y)
+        t_theta = tangents[n_init:]
+        rec = problem.rec
+        fast = (
+            rec is not None
+            and not functorch_active()
+            and all(d is None or rec.theta[i].requires_grad for i, d in enumerate(t_theta))
+        )
+        if fast:
+            flat = problem.fast_jvp(
+                [None if d is None or not theta[i].is_floating_point() else d for i, d in enumerate(t_theta)]
+            )
+        else:
+            flat = _ift_jvp(problem.system, problem.optimality, y, theta, t_theta)
+        y_dot = split_like(flat, y)
         n_aux = sum(a is _TENSOR for a in problem.aux_leaves)
         return (*y_dot, *([None] * n_aux))
 
@@ -283,7 +484,9 @@ class _Root(Function):
         outs = []
         with closure_hint(vmap_loop=True):
             for i in range(info.batch_size):
-                outs.append(_Root.apply(problem, *[t if d is None else t.select(d, i) for t, d in zip(tensors, dims)]))
+                sub = problem.element()  # each element records its own F (and derivatives) at its own solution
+                outs.append(_Root.apply(sub, *[t if d is None else t.select(d, i) for t, d in zip(tensors, dims)]))
+                problem.adopt(sub)
         stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
         return stacked, (0,) * len(stacked)
 
@@ -293,13 +496,6 @@ def _is_transformed(t: Tensor) -> bool:
     try:
         return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
     except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
-def _forward_ad_active() -> bool:
-    try:
-        return torch.autograd.forward_ad._current_level >= 0
-    except AttributeError:  # pragma: no cover
         return False
 
 
@@ -366,29 +562,22 @@ class _CustomRoot:
                     f"{' and keywords ' + str(sorted(kwargs)) if kwargs else ''} after y ({e})"
                 ) from None
 
-    def _check_differentiable(self, arguments: Arguments) -> None:
-        if not torch.is_grad_enabled():
-            return
-        theta = arguments.tensors[arguments.n_init :]
-        if any(t.requires_grad or _is_transformed(t) for t in theta) or _forward_ad_active():
-            return
-        if not any(t.is_floating_point() for t in theta):
-            what = "theta holds no floating-point tensor"
-        else:
-            what = "none of the tensors in theta requires grad"
-        raise ValueError(
-            f"{self.solver_name}: {what}, so y* could not be differentiated with respect to anything (gradients "
-            "w.r.t. Python numbers, or tensors without requires_grad=True, are impossible). Pass the "
-            "hyperparameters as tensors with requires_grad=True (e.g. torch.tensor(0.1, requires_grad=True)), "
-            "or call the solver under torch.no_grad() if you only want y*."
-        )
-
     def __call__(self, init: Any, *args: Any, **kwargs: Any) -> Any:
         self._check_signatures(init, args, kwargs)
+        check_forward_levels(self.solver_name)
         arguments = Arguments(init, args, kwargs)
-        self._check_differentiable(arguments)
-        problem = _RootProblem(self, arguments)
-        outs = _Root.apply(problem, *arguments.tensors)
+        problem = _RootProblem(self, arguments, torch.is_grad_enabled())
+        theta = arguments.tensors[arguments.n_init :]
+        tracked = (
+            (problem.grad_mode and any(t.requires_grad for t in theta))
+            or functorch_active()
+            or torch.autograd.forward_ad._current_level >= 0
+            or any(_is_transformed(t) for t in arguments.tensors)
+        )
+        if tracked:
+            outs = _Root.apply(problem, *arguments.tensors)
+        else:  # nothing to differentiate: just compute (as every torch function does)
+            outs = problem.run(arguments.tensors)
         self._last_residual = problem.residual
         return problem.outputs(outs)
 
@@ -398,7 +587,7 @@ class _CustomRoot:
 
 def custom_root(
     optimality_fn: Callable[..., Any],
-    solve: str | Callable[..., Any] = "cg",
+    solve: str | Callable[..., Any] = "auto",
     has_aux: bool = False,
     *,
     nonconvergence: str = "warn",
@@ -418,17 +607,35 @@ def custom_root(
     Every tensor in ``theta`` is differentiable: positional and keyword
     arguments, tensors, tuples/lists/dicts of tensors and ``nn.Module``
     arguments (their parameters; the module is re-parametrised while ``F``
-    runs). ``y*`` may be a tensor or a tuple/list/dict of tensors.
+    runs). ``y*`` may be a tensor or a tuple/list/dict of tensors. When
+    nothing is to be differentiated (no tensor in ``theta`` requires grad, a
+    Python float, a frozen module, or ``torch.no_grad()``) the call just
+    returns the solution.
+
+    Cost. ``F`` is evaluated once per call, at the solution, and recorded by
+    autograd; outside ``torch.func`` transforms every product with
+    :math:`A^\top, B^\top` is one backward pass through that graph, and products
+    with :math:`A, B` (forward mode) one backward pass through its
+    linearisation, built once per call (:mod:`implicit._graph`). With the
+    default ``solve="auto"`` a small system (``n <= 256``) is formed with one
+    batched product and factored; larger ones use CG when the operator is
+    symmetric (probed with one two-column product) and GMRES otherwise.
 
     Transforms and higher order. Implemented as a ``torch.autograd.Function``
     with ``setup_context``, a ``jvp`` rule and a ``vmap`` rule, so
     ``torch.func.grad``/``vjp``/``jvp``/``jacrev``/``jacfwd``/``hessian``,
     ``vmap`` (a batch of ``theta`` is solved element by element; a batch of
-    cotangents — ``jacrev`` — is one block linear solve) and
-    ``torch.autograd.forward_ad`` all work. The backward pass is itself built
-    from differentiable pieces (``y*`` as this function's output and a
-    differentiable linear solve), so second and higher derivatives are exact,
-    not the "treat the solution as a constant" approximation.
+    cotangents — ``jacrev``, ``is_grads_batched=True``,
+    ``torch.autograd.functional.jacobian(vectorize=True)`` — is one block linear
+    solve) and ``torch.autograd.forward_ad`` work. The backward pass is itself
+    built from differentiable pieces (``y*`` as this function's output and a
+    differentiable linear solve), so second derivatives by reverse-over-reverse
+    (``jacrev(jacrev)``, double backward) and forward-over-reverse
+    (``torch.func.hessian``, ``jacfwd(jacrev)``, ``jacrev(jacfwd)``) are exact, not
+    the "treat the solution as a constant" approximation. Forward-over-forward
+    (``jacfwd(jacfwd)``, ``jvp`` of ``jvp``) raises ``NotImplementedError``:
+    torch's nested forward mode through an ``autograd.Function`` with a ``jvp``
+    rule gives wrong results.
 
     Args:
         optimality_fn: ``F(y, *theta, **kw_theta)``, zero at the solution, shaped
@@ -437,12 +644,13 @@ def custom_root(
             ``torch`` operations that ``torch.func`` can differentiate (use
             ``torch.func.grad``, not ``torch.autograd.grad``, inside it) and must
             take every tensor it depends on through ``theta``, not by closure.
-        solve: the linear solver: ``"cg"`` (symmetric positive definite ``A``,
-            e.g. ``F = ∇_y g`` at a strict minimum), ``"normal_cg"`` (any
-            invertible ``A``), ``"minres"`` (symmetric indefinite), ``"gmres"``
-            (general), ``"neumann"`` (Lorraine et al. 2020's truncated series; needs
-            ``alpha``, optionally ``K``), ``"dense"`` (small problems), or a
-            callable ``solve(matvec, b) -> x`` (``matvec`` is a
+        solve: a method of :func:`curvlab.linalg.solve`: ``"auto"`` (default,
+            see above), ``"cg"`` (symmetric positive definite ``A``, e.g.
+            ``F = ∇_y g`` at a strict minimum), ``"normal_cg"`` (any invertible
+            ``A``), ``"minres"`` (symmetric indefinite), ``"gmres"`` (general),
+            ``"neumann"`` (Lorraine et al. 2020's truncated series; ``alpha``
+            defaults to about ``1/λ_max`` from power iterations, ``K`` to 20),
+            ``"dense"``, or a callable ``solve(matvec, b) -> x`` (``matvec`` is a
             :class:`~curvlab.linops.LinearOperator`, callable on flat vectors).
         has_aux: the solver returns ``(y*, aux)``; ``aux`` is passed through
             undifferentiated (tensor leaves detached). ``optimality_fn`` still
@@ -450,30 +658,36 @@ def custom_root(
         nonconvergence: what to do when the linear solve does not converge:
             ``"warn"`` (a :class:`LinearSolveWarning` stating the residual),
             ``"raise"`` (:class:`LinearSolveError`) or ``"ignore"``.
-        **solve_options: options of the named solver (``tol``, ``atol``,
-            ``maxiter``, ``M``, ``ridge``, ``restart``, ``x0``, ``alpha``, ``K``;
-            see ``implicit.solve_*``), or keyword arguments for a callable.
+        **solve_options: options of :func:`curvlab.linalg.solve` (``tol``,
+            ``atol``, ``maxiter``, ``M``, ``damping``, ``symmetric``,
+            ``dense_max``, ``restart``, ``x0``, ``alpha``, ``K``), or keyword
+            arguments for a callable. ``ridge`` is a deprecated alias of ``damping``.
 
     Returns:
         A decorator. The decorated solver is called as ``solver(init, *theta,
         **kw_theta)`` and returns ``y*`` (or ``(y*, aux)``). Its attributes
         ``last_solve`` (:class:`~curvlab.linalg.KrylovResult`) and ``last_residual``
-        (:math:`\|F(y^*, \theta)\|`) report on the latest call.
+        (:math:`\|F(y^*, \theta)\|`) report on the latest call. An
+        :class:`OptimalityWarning` says when ``y*`` is far from a root of ``F``
+        (the derivatives are then those of a nearby point).
 
     Raises:
         TypeError: ``optimality_fn`` not callable, unknown solver option, and at
             call time a signature of ``optimality_fn`` that does not accept the
-            solver's arguments (jaxopt #360), or an ``F`` that is not a tensor pytree.
-        ValueError: unknown ``solve`` name; at call time: no tensor in ``theta``
-            requires grad while grad mode is on; ``F`` and ``y`` of different
-            sizes; ``optimality_fn`` closing over a tensor that requires grad.
+            solver's arguments (jaxopt #360), an ``F`` that is not a tensor pytree,
+            a solver returning ``(y, aux)`` without ``has_aux=True``.
+        ValueError: unknown ``solve`` name; at call time ``F`` and ``y`` of
+            different sizes, ``optimality_fn`` closing over a tensor that requires
+            grad.
+        RuntimeError: ``optimality_fn`` computes a gradient with ``torch.autograd.grad``.
+        NotImplementedError: forward-over-forward differentiation.
         LinearSolveError: in the backward pass, with ``nonconvergence="raise"``.
 
     Example:
         >>> X = torch.randn(20, 3, dtype=torch.float64); t = torch.randn(20, dtype=torch.float64)
         >>> def g(w, lam):  # ridge regression
         ...     return 0.5 * ((X @ w - t) ** 2).sum() + 0.5 * lam * (w ** 2).sum()
-        >>> @custom_root(torch.func.grad(g), solve="cg")
+        >>> @custom_root(torch.func.grad(g))
         ... def ridge(w0, lam):
         ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(3, dtype=X.dtype), X.T @ t)
         >>> lam = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
@@ -497,7 +711,7 @@ def _fixed_point_residual(T: Callable[..., Any]) -> Callable[..., Any]:
     """``F(y, *theta) = T(y, *theta) - y`` (leafwise), with ``T``'s signature."""
 
     @functools.wraps(T)
-    def residual(y: Any, *args: Any, **kwargs: Any) -> Any:
+    def residual(y: Any, /, *args: Any, **kwargs: Any) -> Any:  # positional-only: T's data may be called y=
         ty = T(y, *args, **kwargs)
         t_leaves, t_def = tree_flatten(ty)
         y_leaves, y_def = tree_flatten(y)
@@ -510,7 +724,7 @@ def _fixed_point_residual(T: Callable[..., Any]) -> Callable[..., Any]:
 
 def custom_fixed_point(
     T: Callable[..., Any],
-    solve: str | Callable[..., Any] = "normal_cg",
+    solve: str | Callable[..., Any] = "auto",
     has_aux: bool = False,
     *,
     nonconvergence: str = "warn",
@@ -520,14 +734,17 @@ def custom_fixed_point(
 
     Blondel et al. 2021, §2.2: a fixed point is a root of
     :math:`F(y, \theta) = T(y, \theta) - y`, with
-    :math:`A = \partial_y T - I` (not symmetric in general, hence the
-    ``"normal_cg"`` default; ``"gmres"`` is often faster, and
+    :math:`A = \partial_y T - I` (not symmetric in general: ``"auto"`` factors a
+    small system and otherwise probes symmetry and picks GMRES for a general one
+    — jaxopt's default is ``"normal_cg"``, which squares the condition number;
     ``solve="neumann", alpha=-1`` is the classical fixed-point iteration
     :math:`u \leftarrow (\partial_y T)^\top u + \bar v`, convergent when ``T`` is
     a contraction). Everything else is as in :func:`custom_root`.
 
     Args:
-        T: the fixed-point map ``T(y, *theta) -> y`` (same structure as ``y``).
+        T: the fixed-point map ``T(y, *theta) -> y`` (same structure as ``y``); its
+            ``theta`` may be passed by any keyword, ``y=`` included (jaxopt's
+            ``T(x, theta, X=X, y=y)``).
         solve: linear solver (see :func:`custom_root`).
         has_aux: the solver returns ``(y*, aux)``.
         nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
@@ -591,12 +808,27 @@ def _setup(
     return arguments, y_leaves, fun, system
 
 
+def _floats_as_tensors(theta: tuple, like: Tensor) -> tuple:
+    """Python floats among ``theta``'s leaves as 0-dim tensors of ``like``'s dtype (so they get a derivative)."""
+    leaves, treedef = tree_flatten(theta)
+    leaves = [torch.tensor(v, dtype=like.dtype, device=like.device) if isinstance(v, float) else v for v in leaves]
+    return tree_unflatten(leaves, treedef)
+
+
+def _plain(*tensors: Any) -> bool:
+    """No transform is running and nothing asks for a derivative of the result: the recorded route applies."""
+    if functorch_active() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    leaves = [t for t in tree_flatten(list(tensors))[0] if isinstance(t, Tensor)]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves))
+
+
 def root_vjp(
     optimality_fn: Callable[..., Any],
     solution: Any,
     theta: tuple,
     cotangent: Any,
-    solve: str | Callable[..., Any] = "cg",
+    solve: str | Callable[..., Any] = "auto",
     *,
     nonconvergence: str = "warn",
     **solve_options: Any,
@@ -608,24 +840,26 @@ def root_vjp(
     like it, solve :math:`A^\top u = \bar v` with :math:`A = \partial_y F(y^*, \theta)`
     and return :math:`-(\partial_\theta F)^\top u`. Differentiable again (in
     ``solution``, ``theta`` and ``cotangent``) and usable under ``torch.func``
-    transforms.
+    transforms; on plain tensors ``F`` is evaluated once and recorded.
 
     Args:
         optimality_fn: ``F(y, *theta)``, shaped like ``y``.
         solution: :math:`y^*` (tensor or tuple/list/dict of tensors).
-        theta: tuple of the arguments after ``y``.
+        theta: tuple of the arguments after ``y``; Python floats are
+            hyperparameters too (their derivative comes back as a 0-dim tensor).
         cotangent: :math:`\bar v`, structured like ``solution``.
-        solve: linear solver (see :func:`custom_root`).
+        solve: linear solver (see :func:`custom_root`; default ``"auto"``).
         nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
-        **solve_options: options of the solver.
+        **solve_options: options of :func:`curvlab.linalg.solve`.
 
     Returns:
         A tuple structured like ``theta``: a tensor for every floating-point
-        tensor leaf, a dict of tensors for a module, ``None`` elsewhere.
+        tensor or Python float leaf, a dict of tensors for a module, ``None`` elsewhere.
 
     Raises:
         TypeError: ``theta`` not a tuple, ``solution`` not a tensor pytree.
         ValueError: ``cotangent`` not shaped like ``solution``; ``F`` not shaped like ``y``.
+        NotImplementedError: under forward-over-forward transforms.
         LinearSolveError: with ``nonconvergence="raise"``.
 
     Example:
@@ -636,6 +870,10 @@ def root_vjp(
         >>> b_bar
         tensor([ 0.4000, -0.2000], dtype=torch.float64)
     """
+    check_forward_levels("root_vjp")
+    y0 = tree_flatten(solution)[0]
+    if isinstance(theta, tuple) and y0 and isinstance(y0[0], Tensor):
+        theta = _floats_as_tensors(theta, y0[0])
     arguments, y, fun, system = _setup(optimality_fn, solution, theta, solve, nonconvergence, solve_options)
     c_leaves, _ = tree_flatten(cotangent)
     if len(c_leaves) != len(y) or any(not isinstance(c, Tensor) or c.shape != t.shape for c, t in zip(c_leaves, y)):
@@ -645,7 +883,16 @@ def root_vjp(
     values: list[Tensor | None] = [None] * len(th)
     if idx:
         v = flat_cat([c.to(y[0].dtype) for c in c_leaves])
-        for i, g in zip(idx, _ift_vjp(system, fun, y, th, v, idx)):
+        if _plain(y, th, c_leaves):
+            rec, ours = _record(fun, y, th, [t.is_floating_point() for t in th])
+            _check_closure(fun, rec.F, ours)
+            linear = system.solver
+            u = linear(_operator(rec, linear, transpose=True), v)
+            _warn_residual(linear.last, float(rec.F.detach().norm()), float(flat_cat(y).norm()), "root_vjp")
+            grads = rec.bt(u, idx)
+        else:
+            grads = _ift_vjp(system, fun, y, th, v, idx)
+        for i, g in zip(idx, grads):
             values[i] = g
     args, _ = arguments.theta_structure(values)
     return tuple(args)
@@ -656,7 +903,7 @@ def root_jvp(
     solution: Any,
     theta: tuple,
     tangents: tuple,
-    solve: str | Callable[..., Any] = "cg",
+    solve: str | Callable[..., Any] = "auto",
     *,
     nonconvergence: str = "warn",
     **solve_options: Any,
@@ -664,16 +911,19 @@ def root_jvp(
     r"""Jacobian-vector product of a root: :math:`\dot y = -A^{-1} B\dot\theta`.
 
     Blondel et al. 2021, eq. (3), without a decorator. ``tangents`` is shaped
-    like ``theta`` with ``None`` for arguments that do not move.
+    like ``theta`` with ``None`` for arguments that do not move. On plain
+    tensors ``F`` is evaluated once and linearised once (its recorded graph
+    differentiated twice), so each product with ``A`` is one backward pass.
 
     Args:
         optimality_fn: ``F(y, *theta)``, shaped like ``y``.
         solution: :math:`y^*`.
-        theta: tuple of the arguments after ``y``.
-        tangents: tuple structured like ``theta`` (tensors, dicts for modules, or ``None``).
-        solve: linear solver (see :func:`custom_root`).
+        theta: tuple of the arguments after ``y`` (Python floats included).
+        tangents: tuple structured like ``theta`` (tensors, Python numbers for
+            scalar entries, dicts for modules, or ``None``).
+        solve: linear solver (see :func:`custom_root`; default ``"auto"``).
         nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
-        **solve_options: options of the solver.
+        **solve_options: options of :func:`curvlab.linalg.solve`.
 
     Returns:
         :math:`\dot y`, structured like ``solution``.
@@ -681,6 +931,7 @@ def root_jvp(
     Raises:
         TypeError: ``theta`` not a tuple, ``solution`` not a tensor pytree.
         ValueError: ``tangents`` not structured like ``theta``; ``F`` not shaped like ``y``.
+        NotImplementedError: under forward-over-forward transforms.
         LinearSolveError: with ``nonconvergence="raise"``.
 
     Example:
@@ -690,12 +941,32 @@ def root_jvp(
         >>> root_jvp(F, torch.linalg.solve(A, b), (b,), (torch.tensor([1.0, 0.0], dtype=torch.float64),))
         tensor([ 0.4000, -0.2000], dtype=torch.float64)
     """
+    check_forward_levels("root_jvp")
+    y0 = tree_flatten(solution)[0]
+    if isinstance(theta, tuple) and y0 and isinstance(y0[0], Tensor):
+        theta = _floats_as_tensors(theta, y0[0])
     arguments, y, fun, system = _setup(optimality_fn, solution, theta, solve, nonconvergence, solve_options)
     if not isinstance(tangents, tuple) or len(tangents) != len(theta):
         raise ValueError(f"tangents must be a tuple of length {len(theta)} like theta")
     t_leaves = arguments.theta_tensors_from(tangents, {}, "tangents")
-    for d, t in zip(t_leaves, arguments.tensors):
+    th = arguments.tensors
+    t_leaves = [
+        torch.full_like(t, float(d)) if isinstance(d, (int, float)) and not isinstance(d, bool) else d
+        for d, t in zip(t_leaves, th)
+    ]
+    for d, t in zip(t_leaves, th):
         if d is not None and (not isinstance(d, Tensor) or d.shape != t.shape):
-            raise ValueError("every tangent must be None or a tensor shaped like its theta entry")
-    y_dot = _ift_jvp(system, fun, y, arguments.tensors, t_leaves)
+            raise ValueError("every tangent must be None, a number (for a scalar) or a tensor shaped like its theta")
+    if _plain(y, th, t_leaves):
+        diff = [t.is_floating_point() and d is not None for t, d in zip(th, t_leaves)]
+        if any(diff):
+            rec, ours = _record(fun, y, th, diff)
+            _check_closure(fun, rec.F, ours)
+            linear = system.solver
+            y_dot = -linear(_operator(rec, linear, transpose=False), rec.b(t_leaves))
+            _warn_residual(linear.last, float(rec.F.detach().norm()), float(flat_cat(y).norm()), "root_jvp")
+        else:
+            y_dot = torch.zeros(fun.n, dtype=y[0].dtype, device=y[0].device)
+    else:
+        y_dot = _ift_jvp(system, fun, y, th, t_leaves)
     return tree_unflatten(list(split_like(y_dot, y)), fun.y_def)

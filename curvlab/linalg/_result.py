@@ -509,6 +509,7 @@ def _verified(sys: _System, core: Any, method: str, restarts: int = _MAX_RESTART
     info = dict(raw.info)
     info["residual_checks"] = checks
     info["restarts_for_residual"] = n_restarts
+    info["anorm"] = float(anorm)  # the largest ‖A p‖ / ‖p‖ seen: a lower estimate of ‖A‖₂
     return _finish(
         sys,
         X,

@@ -111,10 +111,12 @@ def gmres(
 
     total = 0
     cycles = 0
+    anorm = 0.0  # the largest ‖A M v‖ over unit Arnoldi vectors v: a lower estimate of ‖A M‖₂
     while cols.n_active > 0 and total < sys.maxiter:
         cycles += 1
         m = min(restart, sys.maxiter - total)
-        dX, cycle_brk, steps = _cycle(op, Mop, state["R"], state["rnorm"], state["thresh"], m, eps)
+        dX, cycle_brk, steps, wmax = _cycle(op, Mop, state["R"], state["rnorm"], state["thresh"], m, eps)
+        anorm = max(anorm, wmax)
         total += steps
         X = state["X"] + _apply(Mop, dX)
         R = B[:, cols.idx] - op.matmat(X) if cols.n_active < k else B - op.matmat(X)
@@ -134,15 +136,16 @@ def gmres(
         n_iter=total,
         n_matvecs=op.n_matvecs - start,
         status_flags={"breakdown": out["brk"]},
-        info={"restarts": cycles},
+        info={"restarts": cycles, "anorm": anorm},
         method="gmres",
     )
 
 
 def _cycle(
     op: Any, Mop: Any, R: Tensor, rnorm: Tensor, thresh: Tensor, m: int, eps: float
-) -> tuple[Tensor, Tensor, int]:
-    """One GMRES(m) cycle from residual ``R`` (``(n, k)``); returns ``V y`` (before ``M``), breakdown flags, steps."""
+) -> tuple[Tensor, Tensor, int, float]:
+    """One GMRES(m) cycle from residual ``R`` (``(n, k)``); returns ``V y`` (before ``M``), breakdown flags, steps,
+    and the largest ``‖A M v_j‖`` seen."""
     n, k = R.shape
     dtype, device = R.dtype, R.device
     V = R.new_zeros(m + 1, n, k)
@@ -156,10 +159,12 @@ def _cycle(
     live = torch.ones(k, dtype=torch.bool, device=device)
     brk = torch.zeros(k, dtype=torch.bool, device=device)
     steps = 0
+    wmax = torch.zeros((), dtype=dtype, device=device)
     for j in range(m):
         steps = j + 1
         W = op.matmat(_apply(Mop, V[j]))
         wnorm = _colnorm(W)
+        wmax = torch.maximum(wmax, torch.nan_to_num(wnorm).max())
         Vj = V[: j + 1]
         h = torch.einsum("ink,nk->ik", Vj, W)
         W = W - torch.einsum("ink,ik->nk", Vj, h)
@@ -204,4 +209,4 @@ def _cycle(
     rhs = torch.where(keep, g[:, :steps], torch.zeros_like(g[:, :steps]))
     y = torch.linalg.solve_triangular(Rm, rhs.unsqueeze(-1), upper=True).squeeze(-1)  # (k, steps)
     dX = torch.einsum("ink,ki->nk", V[:steps], y)
-    return dX, brk, steps
+    return dX, brk, steps, float(wmax)

@@ -339,7 +339,7 @@ def _dense(
         n_iter=0,
         n_matvecs=n_matvecs,
         status=status,
-        info={"factorization": kind, "refinement_steps": refine},
+        info={"factorization": kind, "refinement_steps": refine, "anorm": float(torch.linalg.matrix_norm(Ad))},
     )
 
 

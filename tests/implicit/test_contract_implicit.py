@@ -262,6 +262,7 @@ def test_every_solve_on_quadratic(solve, opts) -> None:
         assert solver.last_solve.n_iter <= 2
     # the functional forms agree with the decorator
     if isinstance(solve_arg, str):
+
         def fn(matvec, rhs, **o):
             return linalg.solve(matvec, rhs, solve_arg, **o).x
 
@@ -423,11 +424,11 @@ def test_signature_mismatch_is_named() -> None:
         solver(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT, requires_grad=True))
 
 
-def test_theta_without_grad_raises_but_no_grad_is_fine() -> None:
-    with pytest.raises(ValueError, match="requires grad"):
-        huber_solver(torch.zeros(D, dtype=DT), RHO, MU)
-    with pytest.raises(ValueError, match="requires_grad"):
-        huber_solver(torch.zeros(D, dtype=DT), 0.1, 0.3)
+def test_theta_without_grad_just_computes() -> None:
+    w_ref = newton(huber_g, torch.zeros(D, dtype=DT), RHO, MU)
+    torch.testing.assert_close(huber_solver(torch.zeros(D, dtype=DT), RHO, MU), w_ref)
+    w_f = huber_solver(torch.zeros(D, dtype=DT), RHO, 0.3)  # a Python float hyperparameter
+    torch.testing.assert_close(w_f, newton(huber_g, torch.zeros(D, dtype=DT), RHO, torch.tensor(0.3, dtype=DT)))
     with torch.no_grad():
         w = huber_solver(torch.zeros(D, dtype=DT), RHO, MU)
     assert w.shape == (D,)

@@ -371,20 +371,32 @@ def test_error_signature_mismatch() -> None:
         custom_root(torch.func.grad(ridge_objective))(ridge_solver)(torch.zeros(6, dtype=DT), _lam())
 
 
-def test_error_no_tensor_requires_grad() -> None:
-    """torchopt #222 / #144: Python floats or tensors without requires_grad."""
+def test_evaluation_without_anything_requiring_grad_just_computes() -> None:
+    """Issue 14 item 4 (torchopt #222 / #144): plain tensors, Python floats, frozen modules: return y*."""
     X, t, _, _, lam0 = ridge_data()
     sol = custom_root(torch.func.grad(ridge_objective))(ridge_solver)
-    with pytest.raises(ValueError, match="none of the tensors in theta requires grad"):
-        sol(torch.zeros(6, dtype=DT), lam0, X, t)
+    w = sol(torch.zeros(6, dtype=DT), lam0, X, t)  # grad mode on, nothing requires grad
+    torch.testing.assert_close(w, ridge_closed_form(lam0, X, t))
+    assert not w.requires_grad and sol.last_residual < 1e-10
 
     def g(w, lam):
-        return 0.5 * (w**2).sum() * lam
+        return 0.5 * ((w - 1) ** 2).sum() * lam
 
-    with pytest.raises(ValueError, match="no floating-point tensor"):
-        custom_root(torch.func.grad(g))(lambda w0, lam: w0)(torch.ones(2, dtype=DT), 0.5)
+    y = custom_root(torch.func.grad(g))(lambda w0, lam: torch.ones_like(w0))(torch.zeros(2, dtype=DT), 0.5)
+    torch.testing.assert_close(y, torch.ones(2, dtype=DT))
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lam = nn.Parameter(lam0.clone(), requires_grad=False)
+
+    m = Frozen()
+    solm = custom_root(lambda w, m, X, t: torch.func.grad(ridge_objective)(w, m.lam, X, t))(
+        lambda w0, m, X, t: ridge_closed_form(m.lam, X, t)
+    )
+    torch.testing.assert_close(solm(torch.zeros(6, dtype=DT), m, X, t), ridge_closed_form(lam0, X, t))
     with torch.no_grad():  # only y* wanted: fine
-        w = sol(torch.zeros(6, dtype=DT), lam0, X, t)
+        w = sol(torch.zeros(6, dtype=DT), lam0.clone().requires_grad_(), X, t)
     torch.testing.assert_close(w, ridge_closed_form(lam0, X, t))
 
 
@@ -432,17 +444,26 @@ def test_error_autograd_grad_inside_optimality_fn() -> None:
     def opt_fn(w, lam, X, t):
         return torch.autograd.grad(ridge_objective(w, lam, X, t), w, create_graph=True)[0]
 
-    with pytest.raises(RuntimeError, match="torch.func.grad"):
-        custom_root(opt_fn)(ridge_solver)(torch.zeros(6, dtype=DT), _lam(), X, t)
+    sol = custom_root(opt_fn)(ridge_solver)
+    # plain autograd records F with y and theta as leaves, so such an F is differentiated correctly ...
+    lam = _lam()
+    (g,) = torch.autograd.grad(sol(torch.zeros(6, dtype=DT), lam, X, t).sum(), lam)
+    (g_ref,) = torch.autograd.grad(ridge_closed_form(lam, X, t).sum(), lam)
+    torch.testing.assert_close(g, g_ref)
+    # ... but torch.func transforms and no_grad evaluation cannot run it: the message names the cause
+    with pytest.raises(RuntimeError, match="torch.autograd.grad.*torch.func.grad"):
+        torch.func.grad(lambda lam: sol(torch.zeros(6, dtype=DT), lam, X, t).sum())(_lam().detach())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="torch.autograd.grad.*torch.func.grad"):
+        sol(torch.zeros(6, dtype=DT), _lam(), X, t)
 
 
 def test_error_linear_solve_did_not_converge() -> None:
     X, t, _, _, _ = ridge_data()
-    sol = custom_root(torch.func.grad(ridge_objective), maxiter=1, nonconvergence="raise")(ridge_solver)
+    sol = custom_root(torch.func.grad(ridge_objective), "cg", maxiter=1, nonconvergence="raise")(ridge_solver)
     w = sol(torch.zeros(6, dtype=DT), _lam(), X, t)
     with pytest.raises(implicit.LinearSolveError, match=r"residual .* \(relative"):
         w.sum().backward()
-    sol = custom_root(torch.func.grad(ridge_objective), maxiter=1)(ridge_solver)
+    sol = custom_root(torch.func.grad(ridge_objective), "cg", maxiter=1)(ridge_solver)
     with pytest.warns(implicit.LinearSolveWarning, match="did not converge"):
         sol(torch.zeros(6, dtype=DT), _lam(), X, t).sum().backward()
 

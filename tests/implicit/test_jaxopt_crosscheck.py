@@ -1,3 +1,4 @@
+# ruff: noqa: N802 - the papers' names T (fixed-point map) and F (optimality condition)
 """Cross-check against jaxopt's ``custom_root`` / ``root_vjp`` on the same problems and data.
 
 Skipped cleanly when jax or jaxopt is not installed (they are in the ``bench``
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from implicit import custom_root, root_jvp, root_vjp
+from implicit import custom_fixed_point, custom_root, root_jvp, root_vjp
 
 jax = pytest.importorskip("jax")
 jaxopt = pytest.importorskip("jaxopt")
@@ -117,3 +118,130 @@ def test_root_vjp_and_jvp_match_jaxopt_on_a_nonsymmetric_root() -> None:
     np.testing.assert_allclose(M_bar.numpy(), np.asarray(j_bar[1]), rtol=1e-9, atol=1e-12)
     y_dot = root_jvp(t_residual, t_y, (t_a, t_M), (torch.from_numpy(v), None), solve="gmres", tol=1e-12)
     np.testing.assert_allclose(y_dot.numpy(), np.asarray(j_dot), rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# jaxopt's own test problems, run in both libraries (issue 14)
+# --------------------------------------------------------------------------- #
+def _np(x):
+    return np.asarray(x, dtype=float)
+
+
+def test_ridge_jacobian_matches_jaxopt_custom_root() -> None:
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 5)), rng.normal(size=30)
+
+    def j_obj(w, lam):
+        return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * lam * jnp.sum(w**2)
+
+    @jid.custom_root(jax.grad(j_obj), solve=functools.partial(jls.solve_cg, tol=1e-13))  # jaxopt's default: 1e-5
+    def j_ridge(w0, lam):
+        return jnp.linalg.solve(X.T @ X / 30 + lam * jnp.eye(5), X.T @ y / 30)
+
+    J_jax = _np(jax.jacrev(lambda lam: j_ridge(jnp.zeros(5), lam))(5.0))
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def t_obj(w, lam):
+        return 0.5 * ((Xt @ w - yt) ** 2).mean() + 0.5 * lam * (w**2).sum()
+
+    t_ridge = custom_root(torch.func.grad(t_obj))(
+        lambda w0, lam: torch.linalg.solve(Xt.T @ Xt / 30 + lam * torch.eye(5, dtype=DT), Xt.T @ yt / 30)
+    )
+    J = torch.func.jacrev(lambda lam: t_ridge(torch.zeros(5, dtype=DT), lam))(torch.tensor(5.0, dtype=DT))
+    np.testing.assert_allclose(J.numpy(), J_jax, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow  # jaxopt's eager jacobian; the same problem is checked against its closed form in test_ported_cases
+def test_lasso_fixed_point_matches_jaxopt_prox() -> None:
+    from jaxopt import prox
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 8))
+    y = X @ np.array([2.0, -1.5, 0, 0, 1.0, 0, 0, 0]) + 0.1 * rng.normal(size=40)
+    eta = 1.0 / np.linalg.eigvalsh(X.T @ X).max()
+
+    def j_T(w, lam):
+        return prox.prox_lasso(w - eta * X.T @ (X @ w - y), lam, scaling=eta)
+
+    w = np.zeros(8)  # the proximal-gradient iteration, in NumPy (shared by both libraries)
+    for _ in range(20000):
+        z = w - eta * X.T @ (X @ w - y)
+        w_new = np.sign(z) * np.maximum(np.abs(z) - eta * 3.0, 0)
+        if np.linalg.norm(w_new - w) < 1e-15:
+            break
+        w = w_new
+
+    @jid.custom_fixed_point(j_T, solve=functools.partial(jls.solve_gmres, tol=1e-12))
+    def j_fp(w0, lam):
+        return jnp.asarray(w)
+
+    J_jax = _np(jax.jacobian(lambda lam: j_fp(jnp.zeros(8), lam))(3.0))
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def t_T(w, lam):
+        z = w - eta * (Xt.T @ (Xt @ w - yt))
+        return torch.sign(z) * torch.relu(z.abs() - eta * lam)
+
+    t_fp = custom_fixed_point(t_T)(lambda w0, lam: torch.from_numpy(w))
+    J = torch.func.jacrev(lambda lam: t_fp(torch.zeros(8, dtype=DT), lam))(torch.tensor(3.0, dtype=DT))
+    np.testing.assert_allclose(J.numpy(), J_jax, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.slow  # jaxopt's eager jacobian; finite differences check the same problem in test_ported_cases
+def test_svm_dual_on_the_simplex_matches_jaxopt_projection() -> None:
+    from jaxopt import projection
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(12, 4))
+    Y = np.eye(3)[np.arange(12) % 3]
+    L = np.linalg.eigvalsh(X @ X.T).max()
+
+    def j_T(beta, lam):
+        g = -(X @ (X.T @ (Y - beta) / lam)) + Y
+        return jax.vmap(projection.projection_simplex)(beta - lam / L * g)
+
+    from tests.implicit.test_ported_cases import proj_simplex
+
+    Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
+
+    def t_T(beta, lam):
+        g = -(Xt @ (Xt.T @ (Yt - beta) / lam)) + Yt
+        return proj_simplex(beta - lam / L * g)
+
+    beta = torch.full((12, 3), 1 / 3, dtype=DT)  # projected gradient in torch (shared by both libraries)
+    for _ in range(20000):
+        nb = t_T(beta, 2.0)
+        if float(torch.linalg.norm(nb - beta)) < 1e-15:
+            break
+        beta = nb
+    beta_np = beta.numpy()
+
+    @jid.custom_fixed_point(j_T, solve=functools.partial(jls.solve_gmres, tol=1e-12))
+    def j_fp(b0, lam):
+        return jnp.asarray(beta_np)
+
+    J_jax = _np(jax.jacobian(lambda lam: j_fp(jnp.zeros((12, 3)), lam))(2.0))
+    t_fp = custom_fixed_point(t_T)(lambda b0, lam: torch.from_numpy(beta_np))
+    J = torch.func.jacrev(lambda lam: t_fp(torch.zeros(12, 3, dtype=DT), lam))(torch.tensor(2.0, dtype=DT))
+    np.testing.assert_allclose(J.numpy(), J_jax, rtol=1e-8, atol=1e-12)
+
+
+def test_bisection_second_derivative_matches_jaxopt_bisection() -> None:
+    """jaxopt #141: second derivatives of a bisection root."""
+    from jaxopt import Bisection
+
+    def j_F(y, th):
+        return y + y**3 - th
+
+    def j_root(th):
+        return Bisection(j_F, lower=-10.0, upper=10.0, maxiter=200, tol=1e-14, jit=False).run(th=th).params
+
+    d2_jax = float(jax.grad(jax.grad(j_root))(1.3))
+    from tests.implicit.test_ported_cases import bisection
+
+    def t_F(y, th):
+        return y + y**3 - th
+
+    sol = custom_root(t_F)(lambda y0, th: bisection(t_F, -10.0, 10.0, th))
+    d2 = torch.func.grad(torch.func.grad(lambda th: sol(torch.zeros((), dtype=DT), th)))(torch.tensor(1.3, dtype=DT))
+    np.testing.assert_allclose(float(d2), d2_jax, rtol=1e-8)

@@ -208,6 +208,12 @@ def test_input_errors_name_the_argument() -> None:
         minres(N, b)
     with pytest.raises(ValueError, match="not tagged symmetric"):
         solve(MatvecOperator(lambda v: A @ v, 12, DT), b, "cg")
+    from curvlab.linalg import lanczos, randomized_eigh
+
+    with pytest.raises(ValueError, match="not symmetric"):  # the same check serves the Lanczos-type routines
+        lanczos(N, 3)
+    with pytest.raises(ValueError, match="not symmetric"):
+        randomized_eigh(N, 2)
     gmres(N, b)  # no symmetry needed
     with pytest.raises(ValueError, match="unknown method 'lu'"):
         solve(A, b, "lu")
