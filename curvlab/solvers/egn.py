@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import positive_fields
 from ..problems import LeastSquares, Problem, SupervisedLoss
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import fresh_state, point, search_stop
 from ._jacobians import JACOBIAN_MODES, next_batch, residual_rows, state_batch, supervised_outputs
 from .damping import RatioDamping, gain_ratio
@@ -192,10 +193,10 @@ class EGN(Solver):
     problem_types = (SupervisedLoss, LeastSquares)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "damping", "c", "shrink", "grow", "damping_increase", "damping_decrease")
-        _check_positive(self, "momentum", "rho_low", "rho_high", allow_zero=True)
+        positive_fields(self, "lr", "damping", "c", "shrink", "grow", "damping_increase", "damping_decrease")
+        positive_fields(self, "momentum", "rho_low", "rho_high", allow_zero=True)
         if self.min_damping is not None:
-            _check_positive(self, "min_damping", allow_zero=True)
+            positive_fields(self, "min_damping", allow_zero=True)
         if not (self.c < 1 and self.shrink < 1):
             raise ValueError(f"EGN.c and EGN.shrink must lie in (0, 1), got c={self.c}, shrink={self.shrink}")
         if self.momentum >= 1:

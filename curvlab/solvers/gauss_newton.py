@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import positive_fields
 from ..linalg import cg
 from ..linops import gram
 from ..problems import ALL, LeastSquares, Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._jacobians import JACOBIAN_MODES, residual_rows
 from .damping import RatioDamping, interpolated_increase
 
@@ -183,8 +184,8 @@ class GaussNewton(Solver):
     problem_types = (LeastSquares,)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "factor", "damping", "cg_tol")
-        _check_positive(self, "xtol", "ftol", allow_zero=True)
+        positive_fields(self, "factor", "damping", "cg_tol")
+        positive_fields(self, "xtol", "ftol", allow_zero=True)
         if self.jacobian not in JACOBIAN_MODES:
             raise ValueError(f"GaussNewton.jacobian must be one of {JACOBIAN_MODES}, got {self.jacobian!r}")
         if self.method not in _METHODS:

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import positive_fields
 from ..linops.mfac import MFACInverse
 from ..problems import Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import batch_for, fresh_state, point
 
 __all__ = ["MFAC"]
@@ -60,8 +61,8 @@ class MFAC(Solver):
     copy_window: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "damping")
-        _check_positive(self, "momentum", "weight_decay", allow_zero=True)
+        positive_fields(self, "lr", "damping")
+        positive_fields(self, "momentum", "weight_decay", allow_zero=True)
         if self.momentum >= 1:
             raise ValueError(f"MFAC.momentum must be < 1, got {self.momentum}")
         if not isinstance(self.ngrads, int) or isinstance(self.ngrads, bool) or self.ngrads < 1:

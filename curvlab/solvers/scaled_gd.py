@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import positive_fields
 from ..problems import Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import batch_for, fresh_state, point
 
 __all__ = ["ScaledGD"]
@@ -106,8 +107,8 @@ class ScaledGD(Solver):
     damping: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr")
-        _check_positive(self, "damping", allow_zero=True)
+        positive_fields(self, "lr")
+        positive_fields(self, "damping", allow_zero=True)
 
     def init(self, problem: Problem) -> dict[str, Any]:
         layout, _ = _factor_layout(problem)

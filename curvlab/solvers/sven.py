@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import positive_fields
 from ..linalg import randomized_svd
 from ..problems import LeastSquares, Problem, SupervisedLoss
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import fresh_state, point
 from ._jacobians import JACOBIAN_MODES, next_batch, residual_rows, state_batch, supervised_losses
 
@@ -207,8 +208,8 @@ class Sven(Solver):
     problem_types = (SupervisedLoss, LeastSquares)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "rtol", "kappa", "param_fraction", "rmsprop_eps")
-        _check_positive(self, "atol", "rmsprop_alpha", "rmsprop_momentum", allow_zero=True)
+        positive_fields(self, "lr", "rtol", "kappa", "param_fraction", "rmsprop_eps")
+        positive_fields(self, "atol", "rmsprop_alpha", "rmsprop_momentum", allow_zero=True)
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"Sven.k must be None or an integer >= 1, got {self.k!r}")
         if self.param_fraction > 1:

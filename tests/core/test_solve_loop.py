@@ -16,13 +16,18 @@ def rosen(x):
     return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
 
 
-def test_newton_cg_rosenbrock_matches_scipy():
-    x0 = torch.tensor([-1.2, 1.0] * 5, dtype=torch.float64)
+@pytest.mark.parametrize("x0", [[-1.2, 1.0], [-1.2, 1.0] * 5], ids=["2d", "10d"])
+def test_newton_cg_rosenbrock_reaches_a_certified_minimum_like_scipy(x0):
+    x0 = torch.tensor(x0, dtype=torch.float64)
     r = cl.solve(cl.Minimize(rosen, x0), cl.solvers.NewtonCG(), max_iter=500, tol=1e-10)
     assert r.converged and r.status == "converged"
+    g = torch.func.grad(rosen)(r.params)
+    assert g.norm() <= 1e-10
+    assert bool((torch.linalg.eigvalsh(torch.func.hessian(rosen)(r.params)) > 0).all())  # a strict local minimum
+    # scipy's Newton-CG started at our solution stays there; from x0 in 2-D (one minimum) it finds the same
     ref = scipy.optimize.minimize(
         scipy.optimize.rosen,
-        x0.numpy(),
+        (x0 if x0.numel() == 2 else r.params).numpy(),
         jac=scipy.optimize.rosen_der,
         hess=scipy.optimize.rosen_hess,
         method="Newton-CG",
@@ -30,10 +35,19 @@ def test_newton_cg_rosenbrock_matches_scipy():
     )
     assert ref.success
     np.testing.assert_allclose(r.params.numpy(), ref.x, atol=1e-8)
-    g = torch.func.grad(rosen)(r.params)
-    assert g.norm() <= 1e-10
     assert r.history["grad_norm"][-1] <= 1e-10 and r.history["matvecs"][-1] > 0
-    assert torch.equal(x0, torch.tensor([-1.2, 1.0] * 5, dtype=torch.float64))  # input untouched
+    assert torch.equal(x0, torch.tensor(x0.tolist(), dtype=torch.float64))  # input untouched
+
+
+def test_newton_cg_iterates_do_not_depend_on_the_scale_of_the_loss():
+    """The issue's case: the loss ×1e-8 must not "converge" at iteration 0 under the default tolerance."""
+    x0 = torch.tensor([-1.2, 1.0] * 3, dtype=torch.float64)
+    runs = [cl.solvers.NewtonCG().solve(cl.Minimize(lambda x, c=c: c * rosen(x), x0), max_iter=300) for c in (1, 1e-8)]
+    for r in runs:
+        assert r.status == "converged" and r.n_iter > 10 and "rtol" in r.message
+        assert float(torch.func.grad(rosen)(r.params).norm()) < 1e-5
+    torch.testing.assert_close(runs[0].flat, runs[1].flat, rtol=0, atol=1e-9)
+    assert runs[0].n_iter == runs[1].n_iter
 
 
 def test_newton_cg_logistic_regression_breast_cancer_matches_scipy():
