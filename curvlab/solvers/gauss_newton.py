@@ -8,12 +8,13 @@ Analysis (G. A. Watson, ed.), Lecture Notes in Mathematics 630, Springer 1978, p
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..checks import positive_fields
+from ..checks import int_fields, positive_fields
 from ..linalg import cg
 from ..linops import gram
 from ..problems import ALL, LeastSquares, Problem
@@ -21,13 +22,15 @@ from ._base import Solver, options
 from ._jacobians import JACOBIAN_MODES, residual_rows
 from .damping import RatioDamping, interpolated_increase
 
-__all__ = ["GaussNewton", "lm_parameter"]
+__all__ = ["GaussNewton", "lm_parameter", "DEFAULT_TOL"]
 
 _METHODS = ("auto", "dense", "gram", "cg")
 #: Moré's (MINPACK ``lmder``) ratio rule: thresholds 0.25 / 0.75, λ halved on a good step, multiplied by
 #: the interpolated factor in [2, 10] on a poor one (radius: the inverse)
 _MORE = RatioDamping.preset("more")
 _DWARF = 1e-300
+#: default ftol, xtol and gtol: MINPACK's recommended sqrt(float64 eps), scipy.optimize.leastsq's defaults
+DEFAULT_TOL = math.sqrt(torch.finfo(torch.float64).eps)
 
 
 def _qnorm(S: Tensor, c: Tensor, lam: float, cut: Tensor) -> tuple[float, float]:
@@ -137,17 +140,41 @@ class GaussNewton(Solver):
       :math:`\lambda` itself updated with Moré's factors (divided by the radius shrink factor
       on a poor step, halved on a good one, at least ``damping`` after a poor step).
 
-    Stopping: the shared gradient test (``tol`` on :math:`\|J^\top r\|/n`), plus MINPACK's
-    tests as ``status="converged"``: ``ftol`` (actual and predicted relative reductions of
-    :math:`\|r\|^2` both at most ``ftol``) and ``xtol`` (:math:`\Delta \le` ``xtol``·:math:`\|Dx\|`).
-    Trial points with non-finite residuals are never accepted (the radius shrinks); if
-    they persist until the radius collapses, the run stops with ``status="nan"``.
+    Stopping: MINPACK's three tests (``lmder``; Moré, Garbow & Hillstrom, *User Guide for
+    MINPACK-1*, 1980, §2.3), each ending the run with ``status="converged"`` and a message naming it:
+
+    * ``ftol`` — the actual and the predicted relative reductions of :math:`\|r\|^2` in one step are
+      both at most ``ftol`` (and :math:`\rho \le 2`): the sum of squares is within about ``ftol``
+      (relative) of its minimum — for nonzero-residual problems the parameters are then accurate to
+      about :math:`\sqrt{\text{ftol}}` only;
+    * ``xtol`` — the trust radius :math:`\Delta \le` ``xtol``·:math:`\|Dx\|`: the relative step is at most
+      ``xtol``;
+    * ``gtol`` — the largest cosine between the residual vector and a column of :math:`J`,
+      :math:`\max_j |(J^\top r)_j| / (\|J_{:,j}\|\,\|r\|) \le` ``gtol`` (checked after every new Jacobian,
+      including the first; ``"dense"`` only);
+
+    defaults :data:`DEFAULT_TOL` = 1.49e-8 (MINPACK's recommended :math:`\sqrt{\varepsilon}` of float64,
+    scipy's ``leastsq`` defaults), raised to the dtype's :math:`\varepsilon` when that is coarser (float32:
+    1.19e-7); explicit values below :math:`\varepsilon` are raised to it with a warning (MINPACK would end
+    with "tolerance too small"); ``ftol=0`` / ``gtol=0`` switch a test off. ``solve()``'s gradient test
+    (``tol`` / ``rtol`` on :math:`\|J^\top r\|/n`) applies only when given explicitly. A zero residual stops
+    at once. Trial points with non-finite residuals are never accepted (the radius shrinks); if they persist
+    until the radius collapses, the run stops with ``status="nan"``.
+
+    Beyond MINPACK: once the model predicts a relative reduction below :math:`\sqrt\varepsilon` (near a
+    nonzero-residual minimum, where :math:`\rho` is rounding noise) a step is accepted iff it lowers the
+    scaled gradient :math:`\|D^{-1}J^\top r\|` without raising :math:`\|r\|^2` by more than 1e-10 relative,
+    and an ``ftol`` below :math:`\sqrt\varepsilon` counts only once such steps stop; with tight tolerances the
+    iterates reach the accuracy the gradient resolves (about :math:`\varepsilon\cdot\kappa`) rather than the
+    :math:`\sqrt\varepsilon` that function values resolve (``benchmarks/nist.py``: NIST StRD).
 
     Args:
         factor: initial radius factor (MINPACK: 100).
         scale: Moré's variable scaling :math:`D` (MINPACK ``mode=1``).
-        xtol: relative step tolerance (clamped below at machine epsilon).
-        ftol: relative reduction tolerance (clamped below at machine epsilon).
+        ftol: relative reduction tolerance (``None``: :data:`DEFAULT_TOL`, at least the dtype's eps).
+        xtol: relative step tolerance (``None``: the same).
+        gtol: cosine (scaled gradient) tolerance (``None``: the same). ``ftol=0`` or ``gtol=0``
+            switches that test off; ``xtol`` is at least eps (a collapsed radius always ends the run).
         method: ``"auto"``, ``"dense"``, ``"gram"`` or ``"cg"``.
         dense_max: largest parameter count for ``"dense"`` under ``"auto"``.
         gram_max: largest residual count for ``"gram"`` under ``"auto"``.
@@ -170,8 +197,9 @@ class GaussNewton(Solver):
 
     factor: float = 100.0
     scale: bool = True
-    xtol: float = 1e-10
-    ftol: float = 0.0
+    xtol: float | None = None
+    ftol: float | None = None
+    gtol: float | None = None
     method: str = "auto"
     dense_max: int = 2000
     gram_max: int = 4000
@@ -185,15 +213,13 @@ class GaussNewton(Solver):
 
     def __post_init__(self) -> None:
         positive_fields(self, "factor", "damping", "cg_tol")
-        positive_fields(self, "xtol", "ftol", allow_zero=True)
+        positive_fields(self, "xtol", "ftol", "gtol", allow_zero=True, optional=True)
         if self.jacobian not in JACOBIAN_MODES:
             raise ValueError(f"GaussNewton.jacobian must be one of {JACOBIAN_MODES}, got {self.jacobian!r}")
         if self.method not in _METHODS:
             raise ValueError(f"GaussNewton.method must be one of {_METHODS}, got {self.method!r}")
-        for name in ("dense_max", "gram_max", "cg_maxiter"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"GaussNewton.{name} must be an integer >= 1, got {v!r}")
+        int_fields(self, "dense_max", "gram_max", "cg_maxiter")
+        int_fields(self, "chunk_size", optional=True)
 
     # ------------------------------------------------------------------ helpers
     def _method(self, problem: LeastSquares, m: int) -> str:
@@ -206,18 +232,36 @@ class GaussNewton(Solver):
             return "gram"
         return "cg"
 
-    def _tols(self, dtype: torch.dtype) -> tuple[float, float]:
+    def default_rtol(self, dtype: torch.dtype) -> float | None:
+        """``None``: MINPACK's ``ftol/xtol/gtol`` are GaussNewton's default stopping tests."""
+        return None
+
+    def tolerances(self, dtype: torch.dtype, warn: bool = False) -> tuple[float, float, float]:
+        """``(ftol, xtol, gtol)`` in use for parameters of ``dtype``: defaults :data:`DEFAULT_TOL`, at least ``eps``."""
         eps = torch.finfo(dtype).eps
-        return max(self.xtol, eps), self.ftol
+        out = []
+        for name in ("ftol", "xtol", "gtol"):
+            v = getattr(self, name)
+            if v is None:
+                v = max(DEFAULT_TOL, eps)
+            elif 0 < v < eps or (v == 0 and name == "xtol"):
+                if warn and v > 0:
+                    warnings.warn(
+                        f"GaussNewton.{name}={v:g} is below the {dtype} precision; using eps={eps:.3g}", stacklevel=3
+                    )
+                v = eps
+            out.append(float(v))
+        return out[0], out[1], out[2]
 
     def _at(self, problem: LeastSquares, x: Tensor, method: str, n: int, diag: Tensor | None) -> dict[str, Any]:
         """Residuals, value and gradient at ``x`` (``n`` residual rows), with the factorisation of the new Jacobian.
 
         ``"dense"``: the thin SVD of :math:`JD^{-1}`, :math:`D` updated to the running maxima of the
-        column norms (MINPACK ``mode=1``); ``"gram"``: the eigenpairs of :math:`JJ^\top`. Both are kept
-        in the state for the trial steps of the same Jacobian (a rejected step costs one residual
-        evaluation, as in MINPACK).
+        column norms (MINPACK ``mode=1``), and MINPACK's scaled-gradient cosine ``gnorm``; ``"gram"``: the
+        eigenpairs of :math:`JJ^\top`. Both are kept in the state for the trial steps of the same Jacobian
+        (a rejected step costs one residual evaluation, as in MINPACK).
         """
+        gnorm = math.nan
         if method == "dense":
             r, J, _ = residual_rows(problem, x, ALL, self.chunk_size, mode=self.jacobian)
             g = J.T @ r
@@ -229,10 +273,15 @@ class GaussNewton(Solver):
             else:
                 diag = torch.maximum(diag, col)
             extra: dict[str, Any] = {"svd": None, "diag": diag}
-            if bool(torch.isfinite(J).all()):  # else the loop stops on the non-finite gradient
+            rn = r.norm()
+            # one host sync for the finiteness check and the gtol cosine (MINPACK lmder: max_j |J_jᵀr| / (‖J_j‖‖r‖))
+            cos = torch.where(col > 0, g.abs() / (col * rn).clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(g))
+            fin_gn = torch.stack([J.isfinite().all().to(r.dtype), cos.max() if cos.numel() else rn * 0]).tolist()
+            if fin_gn[0] == 1.0:  # else the loop stops on the non-finite gradient
                 # a plain tuple, not torch.return_types.linalg_svd: the state must load with torch.load's
                 # default weights_only=True
                 extra["svd"] = tuple(torch.linalg.svd(J / diag, full_matrices=False))
+                gnorm = fin_gn[1]
         else:
             Jop = problem.jacobian(x, ALL)
             r = Jop.residuals
@@ -245,15 +294,25 @@ class GaussNewton(Solver):
                     extra["svd"] = (U.flip(1), w.flip(0).clamp_min(0).sqrt(), None)
         value = 0.5 * torch.dot(r, r) / n
         grad = g / n
-        return {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad.norm(), **extra}
+        return {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad.norm(), "gnorm": gnorm, **extra}
+
+    def _gtol_stop(self, state: dict[str, Any], gtol: float) -> None:
+        """MINPACK's gtol test on a state with a new Jacobian (sets ``status`` in place)."""
+        gn = state.get("gnorm", math.nan)
+        if gtol > 0 and gn <= gtol:
+            state.update(
+                status="converged",
+                message=f"the cosine of the residuals and the Jacobian columns {gn:.3g} <= gtol={gtol:.3g}",
+            )
 
     # ------------------------------------------------------------------ solver
     def init(self, problem: Problem) -> dict[str, Any]:
         assert isinstance(problem, LeastSquares)
         x = problem.x0.clone()
-        m = problem.residuals(x, ALL).numel()
-        method = self._method(problem, m)
         n = problem.n_rows(ALL)
+        m = problem.residuals(x, ALL).numel() if self.method == "auto" else n
+        method = self._method(problem, m)
+        ftol, xtol, gtol = self.tolerances(x.dtype, warn=True)
         state = self._at(problem, x, method, n, None)
         state.update(
             iter=0,
@@ -269,13 +328,18 @@ class GaussNewton(Solver):
             accepted=0,
             nonfinite=0,
         )
+        if float(state["value"]) == 0.0:
+            state.update(status="converged", message="zero residual")
+        else:
+            self._gtol_stop(state, gtol)
         return state
 
     def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
         assert isinstance(problem, LeastSquares)
         x, r = state["x"], state["res"]
         fnorm = float(r.norm())
-        xtol, ftol = self._tols(x.dtype)
+        ftol, xtol, gtol = self.tolerances(x.dtype)
+        eps = torch.finfo(x.dtype).eps
         method = state["method"]
         par, delta, diag = float(state["par"]), state["delta"], state["diag"]
         matvecs = state["matvecs"]
@@ -299,7 +363,6 @@ class GaussNewton(Solver):
                 delta = self.factor * xn if xn > 0 else self.factor
             par = lm_parameter(S, c, delta, par, full_rank)
             if par == 0:
-                eps = torch.finfo(S.dtype).eps
                 cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
                 coef = torch.where(cut, 1.0 / torch.where(cut, S, torch.ones_like(S)), torch.zeros_like(S))
             else:
@@ -321,8 +384,10 @@ class GaussNewton(Solver):
         x_new = x + p
         with torch.no_grad():
             r_new = problem.residuals(x_new, ALL)
-        finite_trial = bool(torch.isfinite(r_new).all())
-        fnorm1 = float(r_new.norm()) if finite_trial else math.inf
+        fnorm1 = float(r_new.norm())
+        finite_trial = math.isfinite(fnorm1)
+        if not finite_trial:
+            fnorm1 = math.inf
         actred = 1.0 - (fnorm1 / fnorm) ** 2 if 0.1 * fnorm1 < fnorm else -1.0
         t1 = float(Jp.norm()) / fnorm
         t2 = math.sqrt(par) * pnorm / fnorm
@@ -334,11 +399,13 @@ class GaussNewton(Solver):
         # nonzero residuals) the ratio is dominated by rounding: there a step is accepted iff it decreases the
         # gradient without increasing ‖r‖² beyond 1e-10 relative, so the iterates converge to the accuracy the
         # gradient allows (~eps·cond) rather than the ~sqrt(eps) that function values resolve.
-        trial = None
-        if finite_trial and prered <= math.sqrt(torch.finfo(x.dtype).eps):
+        trial, by_gradient = None, False
+        if finite_trial and prered <= math.sqrt(eps):
             trial = self._at(problem, x_new, method, state["n_rows"], diag)
-            if actred >= -1e-10 and float(trial["grad_norm"]) < float(state["grad_norm"]):
-                ratio = max(ratio, 1.0)
+            # the gradient in the scaled variables D⁻¹g (scale-free, like every test here)
+            g_old, g_new = (state["grad"] / diag).norm(), (trial["grad"] / diag).norm()
+            if actred >= -1e-10 and bool(g_new < g_old):
+                ratio, by_gradient = max(ratio, 1.0), True
             else:
                 ratio, trial = min(ratio, 0.0), None
 
@@ -350,7 +417,7 @@ class GaussNewton(Solver):
         if method == "cg" and poor:
             par = max(par, self.damping)
 
-        log = {"damping": par, "ratio": ratio, "radius": float(delta) if delta is not None else float("nan")}
+        log = {"damping": par, "ratio": ratio, "radius": float(delta) if delta is not None else math.nan}
         new = {
             **state,
             "par": par,
@@ -370,7 +437,7 @@ class GaussNewton(Solver):
             new["step_size"] = 0.0
         log["accepted"] = bool(accepted)
 
-        # MINPACK's convergence tests
+        # MINPACK's convergence tests (lmder): ftol, xtol, then gtol at the new Jacobian
         xnorm = float((new["diag"] * new["x"]).norm())
         if not finite_trial:
             small = delta is not None and delta <= xtol * xnorm if method != "cg" else par > 1e30
@@ -381,10 +448,22 @@ class GaussNewton(Solver):
                     "returning the last finite parameters",
                 )
             return new
-        if ftol > 0 and abs(actred) <= ftol and prered <= ftol and 0.5 * ratio <= 1:
+        if float(new["value"]) == 0.0:
+            new.update(status="converged", message="zero residual")
+        elif (
+            ftol > 0
+            and abs(actred) <= ftol
+            and prered <= ftol
+            and 0.5 * ratio <= 1
+            and not (by_gradient and ftol < math.sqrt(eps))
+        ):
+            # (below sqrt(eps) the reductions are rounding noise and certify nothing; while the gradient still
+            # falls the run goes on — with the default ftol = sqrt(eps) this is MINPACK's test unchanged)
             new.update(status="converged", message=f"relative reduction of the sum of squares <= ftol={ftol:.3g}")
         elif method != "cg" and delta <= xtol * xnorm:
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
         elif method == "cg" and accepted and pnorm <= xtol * xnorm:
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
+        elif accepted:
+            self._gtol_stop(new, gtol)
         return new
