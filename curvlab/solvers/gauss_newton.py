@@ -33,8 +33,24 @@ _DWARF = 1e-300
 DEFAULT_TOL = math.sqrt(torch.finfo(torch.float64).eps)
 
 
-def _qnorm(S: Tensor, c: Tensor, lam: float, cut: Tensor) -> tuple[float, float]:
-    r"""``‖q(λ)‖`` and :math:`w = \sum s^2c^2/(s^2+λ)^3` for :math:`q_i = s_ic_i/(s_i^2+λ)`."""
+def _qnorm(S: Any, c: Any, lam: float, cut: Any) -> tuple[float, float]:
+    r"""``‖q(λ)‖`` and :math:`w = \sum s^2c^2/(s^2+λ)^3` for :math:`q_i = s_ic_i/(s_i^2+λ)`.
+
+    ``S``, ``c``, ``cut`` are tensors, or Python lists for small systems (no per-call tensor overhead).
+    """
+    if isinstance(S, list):
+        qq = w = 0.0
+        for s_, c_, k in zip(S, c, cut):
+            if lam == 0:
+                if k:
+                    qq += (c_ / s_) ** 2
+                    w += c_ * c_ / s_**4
+            else:
+                den = s_ * s_ + lam
+                sc = s_ * c_
+                qq += (sc / den) ** 2
+                w += sc * sc / den**3
+        return math.sqrt(qq), w
     if lam == 0:
         Sk, ck = S[cut], c[cut]
         q = ck / Sk
@@ -44,6 +60,10 @@ def _qnorm(S: Tensor, c: Tensor, lam: float, cut: Tensor) -> tuple[float, float]
         q = S * c / den
         w = float(((S * c) ** 2 / den**3).sum())
     return float(q.norm()), w
+
+
+#: systems up to this size run Moré's parameter iteration on Python floats (one host transfer, no tensor calls)
+_SMALL = 64
 
 
 def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bool) -> float:
@@ -67,18 +87,27 @@ def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: boo
     Returns:
         :math:`\lambda \ge 0`.
     """
-    if S.numel() == 0:
+    n = S.numel()
+    if n == 0:
         return 0.0
     eps = torch.finfo(S.dtype).eps
-    cut = S > eps * S[0] * max(S.numel(), 1) if S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-    if not bool(cut.any()):
+    if n <= _SMALL:
+        Sl, cl_ = S.tolist(), c.tolist()
+        cutl = [v > eps * Sl[0] * n for v in Sl] if Sl[0] > 0 else [False] * n
+        any_cut, all_cut = any(cutl), all(cutl)
+        gnorm = math.sqrt(sum((a * b) ** 2 for a, b in zip(Sl, cl_)))
+        S, c, cut = Sl, cl_, cutl  # type: ignore[assignment]
+    else:
+        cut = S > eps * S[0] * n if S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+        any_cut, all_cut = bool(cut.any()), bool(cut.all())
+        gnorm = float((S * c).norm())
+    if not any_cut:
         return 0.0
     dxnorm, w0 = _qnorm(S, c, 0.0, cut)
     fp = dxnorm - delta
     if fp <= 0.1 * delta:
         return 0.0
-    parl = fp / delta * dxnorm**2 / w0 if (full_rank and bool(cut.all()) and w0 > 0) else 0.0
-    gnorm = float((S * c).norm())
+    parl = fp / delta * dxnorm**2 / w0 if (full_rank and all_cut and w0 > 0) else 0.0
     paru = gnorm / delta
     if paru == 0:
         paru = _DWARF / min(delta, 0.1)
@@ -161,7 +190,9 @@ class GaussNewton(Solver):
     at once. Trial points with non-finite residuals are never accepted (the radius shrinks); if they persist
     until the radius collapses, the run stops with ``status="nan"``.
 
-    Beyond MINPACK: once the model predicts a relative reduction below :math:`\sqrt\varepsilon` (near a
+    Beyond MINPACK, when ``ftol`` is set below :math:`\sqrt\varepsilon` (tighter than function values
+    resolve; with the defaults the run is MINPACK's): once the model predicts a relative reduction below
+    :math:`\sqrt\varepsilon` (near a
     nonzero-residual minimum, where :math:`\rho` is rounding noise) a step is accepted iff it lowers the
     scaled gradient :math:`\|D^{-1}J^\top r\|` without raising :math:`\|r\|^2` by more than 1e-10 relative,
     and an ``ftol`` below :math:`\sqrt\varepsilon` counts only once such steps stop; with tight tolerances the
@@ -261,7 +292,7 @@ class GaussNewton(Solver):
         eigenpairs of :math:`JJ^\top`. Both are kept in the state for the trial steps of the same Jacobian
         (a rejected step costs one residual evaluation, as in MINPACK).
         """
-        gnorm = math.nan
+        gnorm = fnorm = math.nan
         if method == "dense":
             r, J, _ = residual_rows(problem, x, ALL, self.chunk_size, mode=self.jacobian)
             g = J.T @ r
@@ -276,7 +307,8 @@ class GaussNewton(Solver):
             rn = r.norm()
             # one host sync for the finiteness check and the gtol cosine (MINPACK lmder: max_j |J_jᵀr| / (‖J_j‖‖r‖))
             cos = torch.where(col > 0, g.abs() / (col * rn).clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(g))
-            fin_gn = torch.stack([J.isfinite().all().to(r.dtype), cos.max() if cos.numel() else rn * 0]).tolist()
+            fin_gn = torch.stack([J.isfinite().all().to(r.dtype), cos.max() if cos.numel() else rn * 0, rn]).tolist()
+            fnorm = fin_gn[2]
             if fin_gn[0] == 1.0:  # else the loop stops on the non-finite gradient
                 # a plain tuple, not torch.return_types.linalg_svd: the state must load with torch.load's
                 # default weights_only=True
@@ -294,7 +326,11 @@ class GaussNewton(Solver):
                     extra["svd"] = (U.flip(1), w.flip(0).clamp_min(0).sqrt(), None)
         value = 0.5 * torch.dot(r, r) / n
         grad = g / n
-        return {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad.norm(), "gnorm": gnorm, **extra}
+        if not math.isfinite(fnorm):
+            fnorm = float(r.norm())
+        out = {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad.norm(), "gnorm": gnorm, **extra}
+        out["fnorm"] = fnorm
+        return out
 
     def _gtol_stop(self, state: dict[str, Any], gtol: float) -> None:
         """MINPACK's gtol test on a state with a new Jacobian (sets ``status`` in place)."""
@@ -337,7 +373,7 @@ class GaussNewton(Solver):
     def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
         assert isinstance(problem, LeastSquares)
         x, r = state["x"], state["res"]
-        fnorm = float(r.norm())
+        fnorm = state["fnorm"] if "fnorm" in state else float(r.norm())
         ftol, xtol, gtol = self.tolerances(x.dtype)
         eps = torch.finfo(x.dtype).eps
         method = state["method"]
@@ -353,7 +389,7 @@ class GaussNewton(Solver):
             p = res.x
             matvecs += 2 * res.n_matvecs + 1
             Jp = Jop.matvec(p)
-            pnorm = float(p.norm())
+            jpnorm, pnorm = torch.stack([Jp.norm(), p.norm()]).tolist()
         else:
             U, S, Vh = tuple(state["svd"])
             full_rank = method == "dense" and S.numel() == x.numel()
@@ -371,13 +407,15 @@ class GaussNewton(Solver):
                 q = -(Vh.T @ (coef * c))  # scaled step D p
                 p = q / diag
                 Jp = U @ (S * (Vh @ q))
+                norms = torch.stack([Jp.norm(), q.norm()]).tolist()
             else:  # gram: p = -Jᵀz, Jp = -JJᵀz
                 z = U @ (coef / torch.where(S > 0, S, torch.ones_like(S)) * c)
                 p = -problem.jacobian(x, ALL).rmatvec(z)
                 Jp = -(U @ (S**2 * (U.T @ z)))
                 matvecs += 1
                 q = p
-            pnorm = float(q.norm())
+                norms = torch.stack([Jp.norm(), q.norm()]).tolist()
+            jpnorm, pnorm = norms
             if state["accepted"] == 0:
                 delta = min(delta, pnorm)
 
@@ -389,7 +427,7 @@ class GaussNewton(Solver):
         if not finite_trial:
             fnorm1 = math.inf
         actred = 1.0 - (fnorm1 / fnorm) ** 2 if 0.1 * fnorm1 < fnorm else -1.0
-        t1 = float(Jp.norm()) / fnorm
+        t1 = jpnorm / fnorm
         t2 = math.sqrt(par) * pnorm / fnorm
         prered = t1**2 + t2**2 / 0.5
         dirder = -(t1**2 + t2**2)
@@ -400,7 +438,7 @@ class GaussNewton(Solver):
         # gradient without increasing ‖r‖² beyond 1e-10 relative, so the iterates converge to the accuracy the
         # gradient allows (~eps·cond) rather than the ~sqrt(eps) that function values resolve.
         trial, by_gradient = None, False
-        if finite_trial and prered <= math.sqrt(eps):
+        if finite_trial and prered <= math.sqrt(eps) and ftol < math.sqrt(eps):
             trial = self._at(problem, x_new, method, state["n_rows"], diag)
             # the gradient in the scaled variables D⁻¹g (scale-free, like every test here)
             g_old, g_new = (state["grad"] / diag).norm(), (trial["grad"] / diag).norm()
@@ -432,7 +470,7 @@ class GaussNewton(Solver):
         if accepted:
             new.update(trial if trial is not None else self._at(problem, x_new, method, state["n_rows"], diag))
             new["accepted"] = state["accepted"] + 1
-            new["step_size"] = float(p.norm())
+            new["step_size"] = pnorm if method == "cg" else float(p.norm())
         else:
             new["step_size"] = 0.0
         log["accepted"] = bool(accepted)
@@ -450,15 +488,9 @@ class GaussNewton(Solver):
             return new
         if float(new["value"]) == 0.0:
             new.update(status="converged", message="zero residual")
-        elif (
-            ftol > 0
-            and abs(actred) <= ftol
-            and prered <= ftol
-            and 0.5 * ratio <= 1
-            and not (by_gradient and ftol < math.sqrt(eps))
-        ):
+        elif ftol > 0 and abs(actred) <= ftol and prered <= ftol and 0.5 * ratio <= 1 and not by_gradient:
             # (below sqrt(eps) the reductions are rounding noise and certify nothing; while the gradient still
-            # falls the run goes on — with the default ftol = sqrt(eps) this is MINPACK's test unchanged)
+            # falls the run goes on; with ftol >= sqrt(eps) this is MINPACK's test unchanged)
             new.update(status="converged", message=f"relative reduction of the sum of squares <= ftol={ftol:.3g}")
         elif method != "cg" and delta <= xtol * xnorm:
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
