@@ -77,7 +77,7 @@ class EGN(ClosureOptimizer):
             lr=lr,
             damping=damping,
             line_search=line_search,
-            c=c,
+            c1=c,
             shrink=shrink,
             grow=grow,
             max_backtracks=max_backtracks,
