@@ -161,11 +161,12 @@ class Solver:
         Stopping (the first that holds ends the run; the result's ``status`` says which, from
         :class:`curvlab.Status`):
 
-        * ``"converged"`` — the gradient test: ``‖g‖ <= rtol · G`` with ``G`` the largest gradient
-          norm seen in the run (the initial one whenever the gradient only shrinks; the largest one
-          keeps the test meaningful from a start near a saddle, e.g. a small random init), or
-          ``‖g‖ <= tol``; or a solver's own convergence test (GaussNewton's MINPACK tests, a line
-          search at the limit of the dtype's precision — the message says which);
+        * ``"converged"`` — the gradient test: ``‖g‖ <= rtol · ‖g₀‖`` with ``g₀`` the gradient at the
+          start of the run (scipy-style; a resumed run keeps its ``g₀``), or ``‖g‖ <= tol``; or a
+          solver's own convergence test (GaussNewton's MINPACK tests, a line search at the limit of
+          the dtype's precision — the message says which). From a start near a stationary point (e.g.
+          a tiny random init of a factorization) ``‖g₀‖`` is tiny and the relative test is not reached:
+          such a run ends with ``"max_iter"`` (honest) unless an absolute ``tol`` is given;
         * ``"max_iter"``, ``"time_limit"``, ``"callback"``;
         * ``"nan"`` — a non-finite value (objective, gradient, parameters, every trial of a line
           search) stopped the run; the last finite parameters are returned (or
@@ -247,12 +248,13 @@ class Solver:
             _, gn = floats(st)
             if not math.isfinite(gn):
                 return None
-            scale = max(float(st.get("grad_scale", 0.0)), gn)
-            st["grad_scale"] = scale
+            scale = st.get("grad_scale")
+            if scale is None:  # the initial gradient norm, kept in the state (a resumed run keeps its scale)
+                scale = st["grad_scale"] = gn
             if atol is not None and gn <= atol:
                 return f"gradient norm {gn:.3g} <= tol {atol:.3g}"
             if rtol is not None and gn <= rtol * scale:
-                return f"gradient norm {gn:.3g} <= rtol {rtol:.3g} × its largest value in the run {scale:.3g}"
+                return f"gradient norm {gn:.3g} <= rtol {rtol:.3g} × its initial value {scale:.3g}"
             return None
 
         def nonfinite(st: dict[str, Any]) -> str | None:
