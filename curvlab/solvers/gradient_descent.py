@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..checks import positive_fields
+from ..checks import check_unit, int_fields, positive_fields
 from ..problems import Problem
 from ._base import Solver, options
 from ._common import batch_for, current_batch, fresh_state, point, search_stop
@@ -44,9 +44,8 @@ class GradientDescent(Solver):
 
     def __post_init__(self) -> None:
         positive_fields(self, "lr", "c1", "shrink")
-        positive_fields(self, "momentum", allow_zero=True)
-        if self.momentum >= 1:
-            raise ValueError(f"GradientDescent.momentum must be < 1, got {self.momentum}")
+        check_unit(self.momentum, "GradientDescent.momentum")
+        int_fields(self, "max_backtracks")
 
     def init(self, problem: Problem) -> dict[str, Any]:
         return fresh_state(problem, buf=None)

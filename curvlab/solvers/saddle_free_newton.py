@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checks import positive_fields
+from ..checks import int_fields, positive_fields
 from ..linalg import lanczos, randomized_eigh
 from ..problems import ALL, Problem
 from ._base import Solver, options
@@ -137,10 +137,7 @@ class SaddleFreeNewton(Solver):
             raise ValueError(f"SaddleFreeNewton.method must be 'krylov' or 'lowrank', got {self.method!r}")
         if self.eig not in ("randomized", "lanczos"):
             raise ValueError(f"SaddleFreeNewton.eig must be 'randomized' or 'lanczos', got {self.eig!r}")
-        for name in ("k", "inner_steps", "refresh", "max_backtracks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SaddleFreeNewton.{name} must be an integer >= 1, got {v!r}")
+        int_fields(self, "k", "inner_steps", "refresh", "max_backtracks")
         positive_fields(self, "lr", "c1", "shrink")
         grid = self.dampings
         if not grid or not all(isinstance(d, (int, float)) and math.isfinite(d) and d >= 0 for d in grid):
