@@ -1,4 +1,4 @@
-"""Solvers on the uniform ``init`` / ``step`` / ``solve`` contract.
+r"""Solvers on the uniform ``init`` / ``step`` / ``solve`` contract.
 
 Every solver is a dataclass of hyperparameters (with the paper's defaults);
 ``solver.solve(problem, max_iter=..., tol=...)`` or ``curvlab.solve(problem, solver)``

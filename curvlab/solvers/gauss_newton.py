@@ -294,7 +294,14 @@ class GaussNewton(Solver):
         """
         gnorm = fnorm = math.nan
         if method == "dense":
-            r, J, _ = residual_rows(problem, x, ALL, self.chunk_size, mode=self.jacobian)
+            if self.jacobian == "auto" and not problem.distributed and self.chunk_size is None:
+                # the matrix-free Jacobian operator materialised from its cheaper side (P double-vjp products
+                # over one recorded graph when there are fewer parameters than residuals): the same J as
+                # residual_rows' forward mode, measured 1.3-2x cheaper on small CPU problems (NIST StRD)
+                Jop = problem.jacobian(x, ALL)
+                r, J = Jop.residuals.reshape(-1), Jop.to_dense()
+            else:
+                r, J, _ = residual_rows(problem, x, ALL, self.chunk_size, mode=self.jacobian)
             g = J.T @ r
             col = J.norm(dim=0)
             if not self.scale:
