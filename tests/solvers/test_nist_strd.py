@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("_nist", os.path.join(_HERE, "..", "..", "benchmarks", "nist.py"))
 assert _spec is not None and _spec.loader is not None
 nist = importlib.util.module_from_spec(_spec)
+sys.modules["_nist"] = nist  # dataclasses look their module up
 _spec.loader.exec_module(nist)
 
 
