@@ -98,8 +98,10 @@ class ScaledGD(Solver):
     constant and :math:`\lambda` a small multiple of :math:`\sigma_{\min}(M_\star)`,
     :math:`\tfrac{1}{100} c_\lambda\sigma_{\min} \le \lambda \le c_\lambda\sigma_{\min}`. The
     solver cannot know :math:`\sigma_{\min}(M_\star)`, so ``damping`` defaults to 0 (plain
-    ScaledGD); for ScaledGD(λ) pass e.g. ``damping=0.1 * sigma_min``, the value
-    ``examples/matrix_sensing.py`` uses (with the adaptive damping).
+    ScaledGD); for ScaledGD(λ) pass e.g. ``damping=1e-6 * sigma_min``, the value
+    ``examples/matrix_sensing.py`` uses (with the adaptive damping): from a small random start
+    :math:`X^\top X \ll \lambda`, so the first steps are gradient steps of length :math:`\eta/\lambda`, and
+    :math:`\lambda = 0.1\sigma_{\min}` with :math:`\eta = 0.5` diverges there at κ = 100 (see that example).
 
     Args:
         lr: step size :math:`\eta`.
