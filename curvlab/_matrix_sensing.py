@@ -53,6 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checks import check_choice, check_int, check_positive
+
 __all__ = ["MatrixSensing", "matrix_sensing"]
 
 _GAUSSIAN_BUDGET = 20_000_000
@@ -192,12 +194,6 @@ class MatrixSensing:
         return Minimize(self.loss, self.start(init or self.init))
 
 
-def _check_int(v: Any, name: str, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    return v
-
-
 def _haar(n: int, r: int, g: torch.Generator, dtype: torch.dtype) -> Tensor:
     Q, R = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=dtype))
     return Q * torch.sign(torch.diagonal(R))
@@ -255,28 +251,24 @@ def matrix_sensing(
     if isinstance(n, tuple):
         if len(n) != 2:
             raise ValueError(f"n must be an int or a pair (n1, n2), got {n!r}")
-        n1, n2 = (_check_int(v, "n", 1) for v in n)
+        n1, n2 = (check_int(v, "n", 1) for v in n)
         if symmetric and n1 != n2:
             raise ValueError(f"a symmetric instance needs a square matrix, got n={n!r}")
     else:
-        n1 = n2 = _check_int(n, "n", 1)
-    r = _check_int(r, "r", 1)
+        n1 = n2 = check_int(n, "n", 1)
+    r = check_int(r, "r", 1)
     if r > min(n1, n2):
         raise ValueError(f"r must be <= min(n1, n2) = {min(n1, n2)}, got {r}")
-    r_model = r if r_model is None else _check_int(r_model, "r_model", 1)
+    r_model = r if r_model is None else check_int(r_model, "r_model", 1)
     if r_model > min(n1, n2):
         raise ValueError(f"r_model must be <= min(n1, n2) = {min(n1, n2)}, got {r_model}")
-    if not (isinstance(kappa, (int, float)) and math.isfinite(kappa) and kappa >= 1):
+    if not (check_positive(kappa, "kappa") >= 1):
         raise ValueError(f"kappa must be a finite number >= 1, got {kappa!r}")
-    m = 5 * max(n1, n2) * r if m is None else _check_int(m, "m", 1)
-    if init not in ("small_random", "spectral"):
-        raise ValueError(f"init must be 'small_random' or 'spectral', got {init!r}")
-    if design not in ("auto", "gaussian", "srht"):
-        raise ValueError(f"design must be 'auto', 'gaussian' or 'srht', got {design!r}")
-    if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-        raise ValueError(f"init_scale must be a number > 0, got {init_scale!r}")
-    if not (isinstance(noise, (int, float)) and noise >= 0):
-        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+    m = 5 * max(n1, n2) * r if m is None else check_int(m, "m", 1)
+    check_choice(init, "init", ("small_random", "spectral"))
+    check_choice(design, "design", ("auto", "gaussian", "srht"))
+    check_positive(init_scale, "init_scale")
+    check_positive(noise, "noise", allow_zero=True)
     if design == "auto":
         design = "gaussian" if m * n1 * n2 <= _GAUSSIAN_BUDGET else "srht"
     if seed is None:

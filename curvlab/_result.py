@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .status import Status
+
 __all__ = ["Result", "History"]
 
 
@@ -53,9 +55,14 @@ class Result:
         params: final parameters in the structure that went in (a new module for modules).
         value: final objective value (on the last batch seen for stochastic solvers).
         n_iter: iterations taken in total (a resumed run counts from the original start).
-        converged: whether the stopping test was met.
-        status: ``"converged"``, ``"max_iter"``, ``"nan"``, ``"diverged"``, ``"callback"``,
-            ``"line_search_failed"`` or a solver-specific reason.
+        converged: whether a convergence test was met (``status == "converged"``).
+        status: why the run stopped, a :class:`curvlab.Status` (a ``str`` enum, so it compares equal
+            to its string): ``"converged"`` (the gradient test of :meth:`~curvlab.solvers.Solver.solve`
+            or a solver's own convergence test; :attr:`message` says which), ``"max_iter"``,
+            ``"time_limit"``, ``"callback"``, ``"nan"`` (a non-finite value stopped the run; the last
+            finite parameters are returned), ``"diverged"`` (the objective blew up),
+            ``"line_search_failed"`` (no trial step decreased the objective), ``"stalled"``. Strings
+            are accepted and converted (``"maxiter"`` → ``"max_iter"``).
         history: per-iteration :class:`History`.
         state: the final solver state (``torch.save`` it and pass ``state=`` to resume).
         flat: final parameters as a flat vector.
@@ -66,11 +73,14 @@ class Result:
     value: float
     n_iter: int
     converged: bool
-    status: str
+    status: Status
     history: History = field(default_factory=History)
     state: dict[str, Any] | None = None
     flat: Any = None
     message: str = ""
+
+    def __post_init__(self) -> None:
+        self.status = Status.of(self.status)
 
     @property
     def x(self) -> Any:

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from ..checks import positive_fields
 from ..problems import Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import batch_for, fresh_state, point
 
 __all__ = ["Adam"]
@@ -37,8 +38,8 @@ class Adam(Solver):
     amsgrad: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "eps")
-        _check_positive(self, "weight_decay", allow_zero=True)
+        positive_fields(self, "lr", "eps")
+        positive_fields(self, "weight_decay", allow_zero=True)
         if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
             raise ValueError(f"Adam.betas must be two numbers in [0, 1), got {self.betas!r}")
 

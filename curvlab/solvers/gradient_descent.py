@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from ..checks import check_unit, int_fields, positive_fields
 from ..problems import Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import batch_for, current_batch, fresh_state, point, search_stop
 from .line_search import Armijo
 
@@ -42,10 +43,9 @@ class GradientDescent(Solver):
     max_backtracks: int = 30
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "c1", "shrink")
-        _check_positive(self, "momentum", allow_zero=True)
-        if self.momentum >= 1:
-            raise ValueError(f"GradientDescent.momentum must be < 1, got {self.momentum}")
+        positive_fields(self, "lr", "c1", "shrink")
+        check_unit(self.momentum, "GradientDescent.momentum")
+        int_fields(self, "max_backtracks")
 
     def init(self, problem: Problem) -> dict[str, Any]:
         return fresh_state(problem, buf=None)

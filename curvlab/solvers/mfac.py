@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_unit, int_fields, positive_fields
 from ..linops.mfac import MFACInverse
 from ..problems import Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import batch_for, fresh_state, point
 
 __all__ = ["MFAC"]
@@ -60,12 +61,10 @@ class MFAC(Solver):
     copy_window: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "damping")
-        _check_positive(self, "momentum", "weight_decay", allow_zero=True)
-        if self.momentum >= 1:
-            raise ValueError(f"MFAC.momentum must be < 1, got {self.momentum}")
-        if not isinstance(self.ngrads, int) or isinstance(self.ngrads, bool) or self.ngrads < 1:
-            raise ValueError(f"MFAC.ngrads must be an integer >= 1, got {self.ngrads!r}")
+        positive_fields(self, "lr", "damping")
+        positive_fields(self, "weight_decay", allow_zero=True)
+        check_unit(self.momentum, "MFAC.momentum")
+        int_fields(self, "ngrads")
         if not (isinstance(self.small_dtype, torch.dtype) and self.small_dtype.is_floating_point):
             raise ValueError(f"MFAC.small_dtype must be a floating-point torch.dtype, got {self.small_dtype!r}")
 

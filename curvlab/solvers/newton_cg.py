@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from ..checks import int_fields, positive_fields
 from ..linalg import cg
 from ..problems import ALL, Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import fresh_state, point, search_stop
 from .line_search import Armijo
 
@@ -23,8 +24,10 @@ class NewtonCG(Solver):
     Each iteration builds the Hessian operator at :math:`x_k` (one gradient graph,
     reused by every CG product) and solves :math:`(H_k + \lambda I) d = -g_k` by
     conjugate gradients to the forcing tolerance
-    :math:`\|r\| \le \eta_k \|g_k\|`, :math:`\eta_k = \min(0.5, \sqrt{\|g_k\|})`
-    (superlinear convergence, N&W eq. 7.3). Negative curvature is handled as in
+    :math:`\|r\| \le \eta_k \|g_k\|`, :math:`\eta_k = \min(0.5, \sqrt{\|g_k\|/\|g_0\|})`
+    (superlinear convergence, N&W eq. 7.3; the paper's :math:`\sqrt{\|g_k\|}` measured relative to the
+    initial gradient so that the iterates do not depend on the scale of :math:`f` — ours).
+    Negative curvature is handled as in
     Steihaug's truncated CG: CG stops at the first direction with
     :math:`pᵀHp \le 0` and returns the iterate so far, or :math:`-g_k` if that
     happens on the first CG step. The step length comes from Armijo backtracking
@@ -51,22 +54,24 @@ class NewtonCG(Solver):
     hessian_mode: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_positive(self, "damping", allow_zero=True)
-        _check_positive(self, "c1", "shrink")
+        positive_fields(self, "damping", allow_zero=True)
+        positive_fields(self, "c1", "shrink")
         if self.cg_tol is not None:
-            _check_positive(self, "cg_tol")
-        if not isinstance(self.cg_maxiter, int) or self.cg_maxiter < 1:
-            raise ValueError(f"NewtonCG.cg_maxiter must be an integer >= 1, got {self.cg_maxiter!r}")
+            positive_fields(self, "cg_tol")
+        int_fields(self, "cg_maxiter", "max_backtracks")
 
     def init(self, problem: Problem) -> dict[str, Any]:
-        return fresh_state(problem)
+        state = fresh_state(problem)
+        state["grad_norm0"] = float(state["grad_norm"])
+        return state
 
     def step(self, problem: Problem, state: dict[str, Any]) -> dict[str, Any]:
         x, g, f0 = state["x"], state["grad"], state["value"]
         H = problem.hessian(x, ALL, mode=self.hessian_mode)
         A = H.damped(self.damping) if self.damping > 0 else H
         gnorm = float(state["grad_norm"])
-        eta = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
+        g0 = float(state.get("grad_norm0", 1.0))
+        eta = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm / g0) if g0 > 0 else 0.5)
         res = cg(A, -g, tol=eta, maxiter=self.cg_maxiter)
         d = res.x
         if res.negative_curvature and not bool(d.abs().sum() > 0):

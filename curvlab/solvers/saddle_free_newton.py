@@ -9,16 +9,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import int_fields, positive_fields
 from ..linalg import lanczos, randomized_eigh
 from ..problems import ALL, Problem
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import fresh_state, point, search_stop
 from .line_search import Armijo, LineSearchResult
 
 __all__ = ["SaddleFreeNewton", "abs_solve", "woodbury_abs_solve"]
 
-#: Damping values searched by the Krylov variant when ``damping=None`` (our choice: a log grid;
-#: Dauphin et al. 2014, Alg. 1 line 6, search λ but do not list the candidates).
+#: Damping values searched by the Krylov variant when ``damping=None``, in units of the largest Ritz value
+#: magnitude max|θ| of the step's Krylov space, so the steps do not depend on the scale of f (our choice: a log
+#: grid; Dauphin et al. 2014, Alg. 1 line 6, search λ but do not list the candidates).
 KRYLOV_DAMPING_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 #: γ of the low-rank variant when ``damping=None`` (O'Leary-Roseberry et al. 2020 use γ ≈ 1e-3).
 LOWRANK_DAMPING = 1e-3
@@ -92,7 +94,8 @@ class SaddleFreeNewton(Solver):
         k: Krylov subspace size / rank. Default 20: ours (Alg. 1 leaves ``k`` free; O'Leary-Roseberry
             et al. use rank ≈ 20 for their low-rank variant).
         damping: λ (Krylov) or γ (low-rank). A float fixes it; a tuple of floats (Krylov) is the
-            grid searched per step; ``None`` means :data:`KRYLOV_DAMPING_GRID` for ``"krylov"`` and
+            grid searched per step; ``None`` means :data:`KRYLOV_DAMPING_GRID` times the largest Ritz value
+            magnitude (a scale-free grid) for ``"krylov"`` and
             :data:`LOWRANK_DAMPING` (1e-3, O'Leary-Roseberry et al.) for ``"lowrank"``.
         inner_steps: subspace steps per Lanczos basis (``m`` of Alg. 1; default 1).
         refresh: iterations between eigendecompositions of the low-rank variant (default 5; ours).
@@ -134,11 +137,8 @@ class SaddleFreeNewton(Solver):
             raise ValueError(f"SaddleFreeNewton.method must be 'krylov' or 'lowrank', got {self.method!r}")
         if self.eig not in ("randomized", "lanczos"):
             raise ValueError(f"SaddleFreeNewton.eig must be 'randomized' or 'lanczos', got {self.eig!r}")
-        for name in ("k", "inner_steps", "refresh", "max_backtracks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SaddleFreeNewton.{name} must be an integer >= 1, got {v!r}")
-        _check_positive(self, "lr", "c1", "shrink")
+        int_fields(self, "k", "inner_steps", "refresh", "max_backtracks")
+        positive_fields(self, "lr", "c1", "shrink")
         grid = self.dampings
         if not grid or not all(isinstance(d, (int, float)) and math.isfinite(d) and d >= 0 for d in grid):
             raise ValueError(
@@ -252,9 +252,13 @@ class SaddleFreeNewton(Solver):
                     break
                 f, g_cur = grad_at(x)
             best = None
-            for lam in self.dampings:
+            grid = self.dampings
+            if self.damping is None:  # relative to the curvature scale of this Krylov space
+                scale = float(theta.abs().max())
+                grid = tuple(lam * scale for lam in grid) if scale > 0 and math.isfinite(scale) else grid
+            for lam in grid:
                 d = -abs_solve(V, theta, S, g_cur, lam)
-                fv = value_at(x + self.lr * d) if (len(self.dampings) > 1 or not self.line_search) else None
+                fv = value_at(x + self.lr * d) if (len(grid) > 1 or not self.line_search) else None
                 if fv is not None and not bool(torch.isfinite(fv)):
                     continue
                 if best is None or (fv is not None and float(fv) < float(best[1])):

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import int_fields, positive_fields
 from ..linalg import randomized_svd
 from ..problems import LeastSquares, Problem, SupervisedLoss
-from ._base import Solver, _check_positive, options
+from ._base import Solver, options
 from ._common import fresh_state, point
 from ._jacobians import JACOBIAN_MODES, next_batch, residual_rows, state_batch, supervised_losses
 
@@ -207,10 +208,9 @@ class Sven(Solver):
     problem_types = (SupervisedLoss, LeastSquares)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "rtol", "kappa", "param_fraction", "rmsprop_eps")
-        _check_positive(self, "atol", "rmsprop_alpha", "rmsprop_momentum", allow_zero=True)
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"Sven.k must be None or an integer >= 1, got {self.k!r}")
+        positive_fields(self, "lr", "rtol", "kappa", "param_fraction", "rmsprop_eps")
+        positive_fields(self, "atol", "rmsprop_alpha", "rmsprop_momentum", allow_zero=True)
+        int_fields(self, "k", "chunk_size", optional=True)
         if self.param_fraction > 1:
             raise ValueError(f"Sven.param_fraction must lie in (0, 1], got {self.param_fraction}")
         if self.rtol >= 1:
@@ -221,11 +221,8 @@ class Sven(Solver):
             raise ValueError(f"Sven.rmsprop must be None, 'pre' or 'post', got {self.rmsprop!r}")
         if not (self.rmsprop_alpha < 1 and self.rmsprop_momentum < 1):
             raise ValueError("Sven.rmsprop_alpha and Sven.rmsprop_momentum must be < 1")
-        for name in ("microbatch", "n_oversample", "n_power"):
-            v = getattr(self, name)
-            low = 1 if name == "microbatch" else 0
-            if not isinstance(v, int) or v < low:
-                raise ValueError(f"Sven.{name} must be an integer >= {low}, got {v!r}")
+        int_fields(self, "microbatch")
+        int_fields(self, "n_oversample", "n_power", minimum=0)
         if self.jacobian not in JACOBIAN_MODES:
             raise ValueError(f"Sven.jacobian must be one of {JACOBIAN_MODES}, got {self.jacobian!r}")
 

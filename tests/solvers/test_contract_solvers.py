@@ -460,7 +460,10 @@ def test_gauss_newton_matches_minpack(fn, x0, method):
         lambda x: fn(x, np), np.array(x0), method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=20000
     )
     prob = cl.LeastSquares(lambda x: fn(x, torch), torch.tensor(x0, dtype=D64))
-    solver = GaussNewton(method=method, cg_tol=1e-12, cg_maxiter=100) if method != "dense" else GaussNewton()
+    tight = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15)  # the same tolerances as MINPACK's run
+    solver = (
+        GaussNewton(method=method, cg_tol=1e-12, cg_maxiter=100, **tight) if method != "dense" else GaussNewton(**tight)
+    )
     res = solver.solve(prob, max_iter=500, tol=1e-14)
     assert res.status == "converged", res.message
     # MINPACK itself stops ~1e-8 relative short on the ill-conditioned fits (its xtol / ftol tests), so the

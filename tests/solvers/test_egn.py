@@ -83,7 +83,7 @@ def test_momentum_is_heavy_ball():
     params, model, loss_fn, _, X, Y, spec = make_mlp("mse", n=8, c=2)
     prob = cl.SupervisedLoss(model, loss_fn, params, (X, Y))
     lr, lam, beta = 0.5, 0.2, 0.6
-    r = EGN(lr=lr, damping=lam, momentum=beta).solve(prob, max_iter=2, tol=0.0)
+    r = EGN(lr=lr, damping=lam, momentum=beta, adaptive_damping=False).solve(prob, max_iter=2, tol=0.0)
     x0 = spec.flatten()
     d0 = egn_direction(linearize(prob, x0, (X, Y)), lam)
     x1 = x0 + lr * d0
@@ -95,7 +95,7 @@ def test_momentum_is_heavy_ball():
 def test_line_search_armijo_and_reset():
     params, model, loss_fn, _, X, Y, spec = make_mlp("ce", n=10, c=3)
     prob = cl.SupervisedLoss(model, loss_fn, params, (X, Y))
-    s = EGN(lr=1.0, damping=1e-3, line_search=True)
+    s = EGN(lr=1.0, damping=1e-3, line_search=True, adaptive_damping=False)
     st = s.init(prob)
     assert st["alpha"] == 1.0
     new = s.step(prob, st)
@@ -113,15 +113,52 @@ def test_line_search_armijo_and_reset():
 def test_adaptive_damping_follows_the_ratio_test():
     params, model, loss_fn, _, X, Y, spec = make_mlp("mse", n=10, c=2)
     prob = cl.SupervisedLoss(model, loss_fn, params, (X, Y))
-    r = EGN(lr=1.0, damping=0.5, adaptive_damping=True).solve(prob, max_iter=8, tol=0.0)
+    paper = dict(adaptive_damping=True, damping_increase=1.01, damping_decrease=0.99)
+    r = EGN(lr=1.0, damping=0.5, **paper).solve(prob, max_iter=8, tol=0.0)
     lams, rhos = r.history["damping"], r.history["rho"]
     for k in range(len(lams) - 1):
         expected = lams[k] * (1.01 if rhos[k] < 0.25 else 0.99 if rhos[k] > 0.75 else 1.0)
         assert math.isclose(lams[k + 1], expected, rel_tol=1e-12)
     assert r.history["value"][-1] < r.history["value"][0]
     # a step far too long gives a ratio < 0.25, so λ grows
-    r = EGN(lr=3.0, damping=0.5, adaptive_damping=True).solve(prob, max_iter=1, tol=0.0)
+    r = EGN(lr=3.0, damping=0.5, **paper).solve(prob, max_iter=1, tol=0.0)
     assert r.history["rho"][0] < 0.25 and r.state["damping"] == pytest.approx(0.5 * 1.01)
+
+
+def test_defaults_by_problem_kind():
+    """Deterministic: adaptive λ with the trust-region factors 1.5 / 0.5; mini-batches: the paper's fixed λ = 1."""
+    s = EGN()
+    assert s.adaptive(stochastic=False) and not s.adaptive(stochastic=True)
+    det, mb = s.damping_rule(False), s.damping_rule(True)
+    assert (det.increase, det.decrease, det.floor) == (1.5, 0.5, 1e-12)
+    assert (mb.increase, mb.decrease, mb.floor) == (1.01, 0.99, 1e-4)
+    params, model, loss_fn, _, X, Y, spec = make_mlp("mse", n=10, c=2)
+    r = EGN(damping=0.5).solve(cl.SupervisedLoss(model, loss_fn, params, (X, Y)), max_iter=6, tol=0.0)
+    lams, rhos = r.history["damping"], r.history["rho"]
+    for k in range(len(lams) - 1):
+        expected = lams[k] * (1.5 if rhos[k] < 0.25 else 0.5 if rhos[k] > 0.75 else 1.0)
+        assert math.isclose(lams[k + 1], max(expected, 1e-12), rel_tol=1e-12)
+    batches = [(X[:5], Y[:5]), (X[5:], Y[5:])]
+    r = EGN().solve(cl.SupervisedLoss(model, loss_fn, params, batches), max_iter=4, tol=0.0)
+    assert r.history["damping"] == [1.0] * 4 and all(math.isnan(v) for v in r.history["rho"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_residual_fits_converge_in_twenty_iterations_by_default(seed):
+    """The issue's case (paper defaults: 1.9e-4 after 300 iterations) and random zero-residual curve fits."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 2, 15 + 5 * seed, dtype=torch.float64)
+    star = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(3, generator=g, dtype=torch.float64)
+    model = lambda w: w[0] * torch.exp(w[1] * t) + w[2] * t  # noqa: E731
+    y = model(star)
+    r = EGN().solve(cl.LeastSquares(lambda w: model(w) - y, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)))
+    assert r.status == "converged" and r.n_iter <= 20, (r.n_iter, r.message)
+    torch.testing.assert_close(r.flat, star, rtol=1e-6, atol=1e-6)
+    X = torch.linspace(0, 1, 20, dtype=torch.float64)
+    p = cl.LeastSquares(lambda w: w[0] * torch.exp(w[1] * X) - 2 * torch.exp(-X), torch.ones(2, dtype=torch.float64))
+    r = EGN().solve(p, max_iter=300)
+    assert r.converged and r.n_iter <= 20
+    torch.testing.assert_close(r.flat, torch.tensor([2.0, -1.0], dtype=torch.float64), rtol=1e-6, atol=1e-7)
 
 
 def test_minibatch_training_and_bit_identical_resume():
@@ -174,9 +211,23 @@ def test_stochastic_failed_line_search_skips_the_batch():
 def test_options_are_checked():
     with pytest.raises(TypeError, match="unknown option"):
         EGN(dampng=1.0)
-    for bad in ({"damping": 0.0}, {"momentum": 1.0}, {"c": 1.5}, {"jacobian": "fast"}, {"max_backtracks": 0}):
-        with pytest.raises(ValueError):
+    for bad, name in (
+        ({"damping": 0.0}, "EGN.damping"),
+        ({"momentum": 1.0}, "EGN.momentum"),
+        ({"c1": 1.5}, "EGN.c1"),
+        ({"jacobian": "fast"}, "EGN.jacobian"),
+        ({"max_backtracks": 0}, "EGN.max_backtracks"),
+        ({"damping_increase": 0.5}, "EGN.damping_increase"),
+        ({"damping_decrease": 2.0}, "EGN.damping_decrease"),
+    ):
+        with pytest.raises(ValueError, match=name):
             EGN(**bad)
+    with pytest.raises(TypeError, match="adaptive_damping"):
+        EGN(adaptive_damping="yes")
+    with pytest.warns(DeprecationWarning, match="c1"):
+        assert EGN(c=0.3).c1 == 0.3
+    with pytest.raises(TypeError, match="both"):
+        EGN(c=0.3, c1=0.2)
     with pytest.raises(TypeError, match="SupervisedLoss"):
         EGN().solve(cl.Minimize(lambda x: (x**2).sum(), torch.ones(2)))
 

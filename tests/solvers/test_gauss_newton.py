@@ -14,7 +14,7 @@ import scipy.optimize
 import torch
 
 import curvlab as cl
-from curvlab.solvers.gauss_newton import GaussNewton, lm_parameter
+from curvlab.solvers.gauss_newton import DEFAULT_TOL, GaussNewton, lm_parameter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tests.solvers.mgh import PROBLEMS, MGHProblem, get  # noqa: E402
@@ -55,7 +55,7 @@ _MULTI = {"biggs_exp6"}
 @pytest.mark.parametrize("P", PROBLEMS, ids=[p.name for p in PROBLEMS])
 def test_mgh_matches_minpack(P):
     x0 = P.start()
-    r = GaussNewton(xtol=1e-15).solve(cl.LeastSquares(P.f, x0), max_iter=3000, tol=0.0)
+    r = GaussNewton(xtol=1e-15, ftol=1e-15, gtol=1e-15).solve(cl.LeastSquares(P.f, x0), max_iter=3000, tol=0.0)
     assert r.status == "converged", r.message
     ref = _minpack(P)
     x = r.flat.numpy()
@@ -73,10 +73,10 @@ def test_mgh_matches_minpack(P):
 
 
 def test_more_accurate_than_minpack_on_nonzero_residual_minima():
-    # the ftol test stops MINPACK at ~sqrt(eps) in x; the gradient decides here, reaching ~eps·cond
+    # the ftol test stops MINPACK at ~sqrt(eps) in x; with ftol off the gradient decides here, reaching ~eps·cond
     for name in ("bard", "kowalik_osborne", "penalty1_4", "jennrich_sampson"):
         P = get(name)
-        r = GaussNewton(xtol=1e-15).solve(cl.LeastSquares(P.f, P.start()), max_iter=3000, tol=0.0)
+        r = GaussNewton(xtol=1e-15, ftol=0, gtol=0).solve(cl.LeastSquares(P.f, P.start()), max_iter=3000, tol=0.0)
         ref = _minpack(P)
         star = _certified(P, ref.x)
         assert _err(r.flat.numpy(), star) <= 1e-10 < _err(ref.x, star) or _err(ref.x, star) <= 1e-10
@@ -90,7 +90,7 @@ def test_quadratic_convergence_zero_residual():
 
     star = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
     xs = []
-    r = GaussNewton(xtol=1e-16).solve(
+    r = GaussNewton(xtol=1e-16, ftol=0, gtol=0).solve(
         cl.LeastSquares(res, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
         max_iter=100,
         tol=0.0,
@@ -237,3 +237,47 @@ def test_float32_parameters_stay_float32():
     r = GaussNewton().solve(cl.LeastSquares(P.f, P.start(torch.float32)), max_iter=100, tol=1e-5)
     assert r.flat.dtype == torch.float32 and r.converged
     np.testing.assert_allclose(r.flat.numpy(), [3.0, 0.5], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bard", "kowalik_osborne", "osborne1", "jennrich_sampson", "brown_dennis"])
+def test_default_tolerances_are_minpacks(name):
+    """Default ftol = xtol = gtol = 1.49e-8 with MINPACK's meaning: the same stop as scipy's leastsq-default lm run."""
+    P = get(name)
+    r = GaussNewton().solve(cl.LeastSquares(P.f, P.start()), max_iter=5000)
+    jac = torch.func.jacfwd(P.f)
+    tol = math.sqrt(np.finfo(float).eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = scipy.optimize.least_squares(
+            lambda x: P.f(torch.tensor(x)).numpy(),
+            np.array(P.x0),
+            jac=lambda x: jac(torch.tensor(x)).numpy(),
+            method="lm",
+            ftol=tol,
+            xtol=tol,
+            gtol=tol,
+        )
+    assert r.status == "converged" and any(k in r.message for k in ("ftol", "xtol", "gtol"))
+    # residual evaluations: ours = iterations + the one at x0
+    assert abs((r.n_iter + 1) - ref.nfev) <= max(2, 0.1 * ref.nfev), (r.n_iter, ref.nfev)
+    ss = float((P.f(r.flat) ** 2).sum())
+    assert ss == pytest.approx(2 * ref.cost, rel=1e-7)
+
+
+def test_tolerance_options():
+    s = GaussNewton()
+    assert s.tolerances(torch.float64) == (DEFAULT_TOL,) * 3 and DEFAULT_TOL == pytest.approx(1.4901161e-8)
+    eps32 = torch.finfo(torch.float32).eps
+    assert s.tolerances(torch.float32) == (eps32,) * 3  # never below what the dtype resolves
+    with pytest.warns(UserWarning, match="xtol"):
+        GaussNewton(xtol=1e-20).tolerances(torch.float64, warn=True)
+    assert GaussNewton(ftol=0, gtol=0, xtol=0).tolerances(torch.float64) == (0.0, torch.finfo(torch.float64).eps, 0.0)
+    for bad in ({"ftol": -1.0}, {"gtol": float("nan")}, {"xtol": "1e-8"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GaussNewton(**bad)
+    # the gtol test can stop at the start: a linear model already at its least-squares solution
+    A = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xs = torch.linalg.lstsq(A, b).solution
+    r = GaussNewton().solve(cl.LeastSquares(lambda x: A @ x - b, xs))
+    assert r.status == "converged" and r.n_iter == 0 and "gtol" in r.message

@@ -28,7 +28,11 @@ def _ce(o, t):
 
 @pytest.mark.parametrize(
     "opts",
-    [{"damping": 0.3}, {"damping": 0.3, "line_search": True, "adaptive_damping": True, "momentum": 0.4, "lr": 2.0}],
+    [  # the adapter is for mini-batches (the paper's defaults); the solver's deterministic defaults differ
+        {"damping": 0.3, "adaptive_damping": False},
+        {"damping": 0.3, "line_search": True, "adaptive_damping": True, "momentum": 0.4, "lr": 2.0}
+        | {"damping_increase": 1.01, "damping_decrease": 0.99},
+    ],
 )
 def test_egn_adapter_matches_solver(opts):
     net, X, y = _net_and_data()

@@ -20,7 +20,7 @@ def _grad(f, params):
 def test_symmetric_step_equals_dense_formula(lam):
     inst = matrix_sensing(8, 2, 5.0, symmetric=True, r_model=3, init="spectral", seed=1)
     X = inst.x0
-    solver = cl.solvers.ScaledGD(lr=0.3, damping=lam)
+    solver = cl.solvers.ScaledGD(lr=0.3, damping=lam, adaptive_damping=False)
     p = inst.problem()
     st = solver.step(p, solver.init(p))
     (G,) = _grad(inst.loss, [X])
@@ -32,7 +32,7 @@ def test_symmetric_step_equals_dense_formula(lam):
 def test_asymmetric_step_equals_dense_formula(lam):
     inst = matrix_sensing((7, 6), 2, 5.0, symmetric=False, init="spectral", seed=2)
     L, R = inst.x0
-    solver = cl.solvers.ScaledGD(lr=0.5, damping=lam)
+    solver = cl.solvers.ScaledGD(lr=0.5, damping=lam, adaptive_damping=False)
     p = inst.problem()
     st = solver.step(p, solver.init(p))
     GL, GR = _grad(inst.loss, [L, R])
@@ -82,6 +82,39 @@ def test_kappa_100_scaledgd_lambda_beats_gd():
     # GD with the best of a small grid of fixed steps (larger steps diverge): still far off
     best = min(run(cl.solvers.GradientDescent(lr=lr))[-1] for lr in (0.2, 0.5, 0.8))
     assert best > 1e-4
+
+
+def test_adaptive_damping_is_precgd_capped_by_lambda():
+    """λ_t = min(λ, sqrt(2 f(X_t))) (PrecGD, Zhang, Fattahi & Zhang 2021), checked against the dense formula."""
+    inst = matrix_sensing(8, 2, 5.0, r_model=3, init="spectral", seed=1)
+    p = inst.problem()
+    X = inst.x0
+    f = float(inst.loss(X))
+    for lam in (10.0, 1e-3):
+        solver = cl.solvers.ScaledGD(lr=0.3, damping=lam)
+        st = solver.step(p, solver.init(p))
+        lam_t = min(lam, (2 * f) ** 0.5)
+        assert st["log"]["damping"] == pytest.approx(lam_t, rel=1e-12)
+        (G,) = _grad(inst.loss, [X])
+        ref = X - 0.3 * G @ torch.linalg.inv(X.T @ X + lam_t * torch.eye(3, dtype=D))
+        torch.testing.assert_close(p.spec.unflatten(st["x"]), ref, rtol=1e-10, atol=1e-12)
+    assert cl.solvers.ScaledGD(damping=0.5).damping_at(-1.0) == 0.5  # a negative objective: fixed λ
+    assert cl.solvers.ScaledGD().damping_at(3.0) == 0.0
+    with pytest.raises(TypeError, match="adaptive_damping"):
+        cl.solvers.ScaledGD(adaptive_damping=1)
+
+
+def test_kappa_1000_overparameterized_no_false_convergence_and_no_tail():
+    """The issue's case: ScaledGD(λ = 0.1 σ_min), κ = 1000, r = 5 > r⋆ = 3, small init, default stopping."""
+    inst = matrix_sensing(30, 3, 1000.0, r_model=5, init_scale=1e-7, seed=0)
+    lam = 0.1 * inst.sigma_min
+    fixed = cl.solvers.ScaledGD(damping=lam, adaptive_damping=False).solve(inst.problem(), max_iter=300)
+    err_fixed = inst.relative_error(fixed.params)
+    assert err_fixed > 1e-7  # the λ/(ηt) tail of a fixed λ ...
+    assert fixed.status != "converged"  # ... is not reported as convergence
+    res = cl.solvers.ScaledGD(damping=lam).solve(inst.problem(), max_iter=300)
+    assert inst.relative_error(res.params) < 1e-12  # adaptive λ_t: no tail
+    assert res.status == "max_iter" or inst.relative_error(res.params) < 1e-12
 
 
 def test_state_save_resume(tmp_path):
