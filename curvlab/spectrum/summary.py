@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import as_symmetric_operator, check_int, check_positive, make_generator
+from curvlab.checks import check_int, check_positive
+
+from ._common import as_symmetric_operator, make_generator
 from .density import Density, density
 from .eigsh import EigshResult, eigsh
 from .trace import TraceResult, trace
