@@ -128,18 +128,6 @@ def default_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (2.0 / 3.0)
 
 
-def matmat_blocks(A: LinearOperator, V: Tensor, block_size: int) -> Tensor:
-    """``A @ V`` in column blocks of at most ``block_size``.
-
-    Bounds the memory of batched products: a batched Hessian-vector product holds one
-    set of intermediates per column.
-    """
-    k = V.shape[1]
-    if k <= block_size:
-        return A.matmat(V)
-    return torch.cat([A.matmat(V[:, i : i + block_size]) for i in range(0, k, block_size)], dim=1)
-
-
 def check_block_size(block_size: Any, device: torch.device) -> int:
     """The columns per batched product: ``block_size``, or by default 8 on CPU and 32 on accelerators.
 
@@ -153,8 +141,12 @@ def check_block_size(block_size: Any, device: torch.device) -> int:
     return check_int(block_size, "block_size", 1)
 
 
-def exact_diagonal(A: LinearOperator, block_size: int) -> Tensor:
-    """``diag(A)`` from products with the unit vectors (``n`` products; for ``budget >= n``)."""
+def exact_diagonal(A: LinearOperator, block_size: int, mon: Monitor | None = None, what: str = "diag") -> Tensor:
+    """``diag(A)`` from products with the unit vectors (``n`` products; for ``budget >= n``).
+
+    Raises:
+        ValueError: a block of products is not finite.
+    """
     n = A.shape[0]
     bs = block_size
     out = torch.empty(n, dtype=A.dtype, device=A.device)
@@ -162,7 +154,13 @@ def exact_diagonal(A: LinearOperator, block_size: int) -> Tensor:
         j = min(n, i + bs)
         E = torch.zeros(n, j - i, dtype=A.dtype, device=A.device)
         E[torch.arange(i, j, device=A.device), torch.arange(j - i, device=A.device)] = 1.0
-        out[i:j] = torch.diagonal(A.matmat(E)[i:j])
+        Y = A.matmat(E)
+        check_finite(Y, what, f"products {i + 1}-{j} with unit vectors")
+        out[i:j] = torch.diagonal(Y[i:j])
+        if mon is not None:
+            mon.update(phase="exact")
+            if mon.callback is not None:
+                mon.stop({"phase": "exact", "columns_done": j, "columns": n})  # the exact diagonal cannot stop early
     return out
 
 
@@ -343,3 +341,33 @@ def unflatten_columns(layout: Any, V: Tensor, i: int | None, what: str) -> Any:
     if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -k <= int(i) < k:
         raise ValueError(f"i must be an int in [{-k}, {k}), got {i!r}")
     return layout.unflatten(V[:, int(i)].contiguous())
+
+
+def products(
+    A: LinearOperator, V: Tensor, block_size: int, mon: Monitor, what: str, phase: str, can_stop: bool = True
+) -> tuple[Tensor, bool]:
+    """``A @ V`` in column blocks, each checked to be finite, asking the callback after each block.
+
+    Returns:
+        ``(A @ V[:, :j], stopped)``: the first ``j`` columns, ``j = k`` unless the callback asked to
+        stop (only with ``can_stop``) after an earlier block; ``stopped`` also when it asked after
+        the last block (the caller then skips its later phases).
+
+    Raises:
+        ValueError: a block of products is not finite.
+    """
+    k = V.shape[1]
+    out: list[Tensor] = []
+    done = 0
+    for i in range(0, k, block_size):
+        Y = A.matmat(V[:, i : i + block_size])
+        done = i + Y.shape[1]
+        check_finite(Y, what, f"products {i + 1}-{done} of the {phase} phase")
+        out.append(Y)
+        mon.update(phase=phase)
+        if mon.callback is not None:
+            if mon.stop({"phase": phase, "columns_done": done, "columns": k}) and can_stop:
+                return torch.cat(out, dim=1), True
+    if not out:
+        return V.new_zeros(A.shape[0], 0), False
+    return torch.cat(out, dim=1), False
