@@ -15,11 +15,18 @@ operator's device and dtype.
   plots itself.
 * :func:`summary` — top and smallest eigenvalues, trace, negative mass, outliers
   versus bulk (Sagun et al. 2017; Papyan 2020).
+* :func:`landscape` — the loss along top eigenvectors or random / filter-normalised
+  directions, 1-D and 2-D (Yao et al. 2020; Li et al. 2018), as a :class:`Landscape`.
+
+Every routine takes ``progress=True`` (a tqdm bar, on the main process of a data-parallel
+run) and the iterative ones a ``callback``; eigenvectors and diagonals come back in the
+parameters' structure through ``.as_params()``.
 """
 
 from .density import Density, density
 from .diag import DiagResult, diag
 from .eigsh import EigshResult, eigsh
+from .landscape import Landscape, filter_normalized, landscape
 from .summary import SpectrumSummary, split_outliers, summary
 from .trace import TraceResult, trace
 
@@ -35,4 +42,7 @@ __all__ = [
     "summary",
     "SpectrumSummary",
     "split_outliers",
+    "landscape",
+    "Landscape",
+    "filter_normalized",
 ]

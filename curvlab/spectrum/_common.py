@@ -311,11 +311,16 @@ def param_layout(A: LinearOperator) -> Any:
     for an ``nn.Module`` or a dict, a tuple / list, a tensor) without holding the parameters or
     the module (results that carry it pickle small). ``None`` for an operator not over parameters.
     """
-    from curvlab.params import ParamSpec
-
     spec = find_spec(A)
     if spec is None or spec.size != A.shape[0]:
         return None
+    return layout_of(spec)
+
+
+def layout_of(spec: Any) -> Any:
+    """The light (``meta``-device) :class:`~curvlab.params.ParamSpec` of ``spec`` (see :func:`param_layout`)."""
+    from curvlab.params import ParamSpec
+
     metas = [torch.empty(s, dtype=spec.dtype, device="meta") for s in spec.shapes]
     if spec.kind == "tensor":
         return ParamSpec(metas[0])
