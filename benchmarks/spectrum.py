@@ -20,7 +20,16 @@ dense, the Hessian-vector products used and the wall time:
   Lanczos steps) and at its own default (2 × 90), PyHessian's ``density(iter=100,
   n_v=1)``, curvlinops' ``lanczos_approximate_spectrum(ncv=100)`` (Papyan 2020);
   error = Wasserstein-1 distance to the dense eigenvalue distribution over the
-  spectral width (from the quadrature nodes, and from the smoothed density on its grid).
+  spectral width (from the quadrature nodes, and from the smoothed density on its grid);
+* per-layer blocks (``--sections blocks``): the Hessian restricted to one layer, on the
+  example's MLP and on a 3-layer 64-128-128-10 MLP: time per block product and for the
+  top eigenvalue of curvlab's block operator (``restrict(H, layer)``: only the layer's
+  parameters are differentiated), curvlab's embedding into full products
+  (``restrict(H, layer, block=False)``, the behaviour before issue 15), curvlinops'
+  ``HessianLinearOperator`` over the layer's parameters (+ scipy ``eigsh``) and PyHessian
+  with the other layers frozen (``requires_grad=False``, its per-layer recipe);
+* product modes (``--sections modes``): ``hessian(..., mode="reverse")`` (the default)
+  against ``mode="forward"`` per product and per 8-column block.
 
 Wall times include building each library's operator (graph construction for
 curvlab and PyHessian; curvlinops with ``check_deterministic=False``). Times
@@ -32,6 +41,7 @@ Run from the repository root::
 
     python benchmarks/spectrum.py              # float64, 5 repeats, 30 trace seeds
     python benchmarks/spectrum.py --dtype float32
+    python benchmarks/spectrum.py --sections blocks,modes
 """
 
 from __future__ import annotations
@@ -61,12 +71,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from hessian_spectrum import train_mlp  # noqa: E402
 
 
-def curvlab_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> cl.linops.HessianOperator:
+def curvlab_hessian(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, mode: str = "auto"
+) -> cl.linops.HessianOperator:
     def loss(params: Any, batch: Any) -> torch.Tensor:
         xb, yb = batch
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, (xb,)), yb)
 
-    return cl.linops.hessian(loss, model, data=(X, y))
+    return cl.linops.hessian(loss, model, data=(X, y), mode=mode)
 
 
 def dense_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -180,8 +192,31 @@ def main() -> None:
     ap.add_argument("--density-seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dense-cache", default=None, help="file to keep the dense eigenvalues in between runs")
+    ap.add_argument(
+        "--sections", default="eig,trace,density,blocks,modes", help="comma-separated: eig,trace,density,blocks,modes"
+    )
+    ap.add_argument("--block-products", type=int, default=20, help="products timed per block method")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    unknown = sections - {"eig", "trace", "density", "blocks", "modes"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+    if not sections & {"eig", "trace", "density"}:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.set_default_dtype(dtype)
+        print(f"# Hessian spectrum benchmark ({args.dtype}), sections {sorted(sections)}")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, no GPU"
+        )
+        ph, cv = load_pyhessian(), load_curvlinops()
+        if "blocks" in sections:
+            block_benchmark(args, dtype, ph, cv)
+        if "modes" in sections:
+            modes_benchmark(args, dtype)
+        return
 
     model, X, y = train_mlp()  # before set_num_threads: the weights do not depend on --threads
     t_dense = time.perf_counter()
@@ -402,6 +437,219 @@ def main() -> None:
         dt = statistics.median(r[3] for r in runs)
         cells = ["—" if math.isnan(w) else fmt(w) for w in (wn, wg)]
         print(f"| {name} | {cells[0]} | {cells[1]} | {mv} | {dt:.2f} |")
+
+    if "blocks" in sections:
+        block_benchmark(args, dtype, ph, cv)
+    if "modes" in sections:
+        modes_benchmark(args, dtype)
+
+
+# --------------------------------------------------------------------------- per-layer blocks
+def train_mlp3(epochs: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-layer 64-128-128-10 ReLU MLP, trained as the example's (SGD lr 0.1, batch 32, 5 epochs on digits)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(seed)
+    Xn, yn = load_digits(return_X_y=True)
+    X = torch.tensor(Xn / 16.0, dtype=torch.float32)
+    y = torch.tensor(yn)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(64, 128))
+    model.add_module("relu1", nn.ReLU())
+    model.add_module("fc2", nn.Linear(128, 128))
+    model.add_module("relu2", nn.ReLU())
+    model.add_module("fc3", nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=g)
+        for i in range(0, len(X), 32):
+            idx = perm[i : i + 32]
+            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, X, y
+
+
+def _median_product_time(mv: Callable[[torch.Tensor], Any], n: int, count: int, dtype: torch.dtype) -> float:
+    """Median time of ``count`` products after a first one (which builds the graphs that later products reuse)."""
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randn(n, generator=g, dtype=dtype) for _ in range(count + 1)]
+    mv(vs[0])
+    times = []
+    for v in vs[1:]:
+        t0 = time.perf_counter()
+        mv(v)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _trained_models() -> list[tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
+    """The example's MLP and the 3-layer MLP, trained in float32 whatever the default dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return [("MLP 64-64-10", train_mlp()), ("MLP 64-128-128-10", train_mlp3())]
+    finally:
+        torch.set_default_dtype(old)
+
+
+Run = tuple[float, float, float, int, float]  # setup [s], per product [s], top eigenvalue, matvecs, eigsh wall [s]
+
+
+def _run_curvlab(model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, block: bool, count: int) -> Run:
+    from curvlab.linops import restrict
+
+    t0 = time.perf_counter()
+    R = restrict(curvlab_hessian(model, X, y), layer, block=block)
+    R.matvec(torch.zeros(R.shape[0], dtype=X.dtype))
+    setup = time.perf_counter() - t0
+    per = _median_product_time(R.matvec, R.shape[0], count, X.dtype)
+    t0 = time.perf_counter()
+    res = eigsh(restrict(curvlab_hessian(model, X, y), layer, block=block), k=1, seed=0)
+    return setup, per, float(res.eigenvalues[0]), res.n_matvecs, time.perf_counter() - t0
+
+
+def _run_curvlinops(cv: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, count: int) -> Run:
+    from scipy.sparse.linalg import eigsh as scipy_eigsh
+
+    params = [p for name, p in model.named_parameters() if name.split(".")[0] == layer]
+    k = sum(p.numel() for p in params)
+    t0 = time.perf_counter()
+    A, _ = curvlinops_hessian_params(cv, model, X, y, params)
+    A @ torch.zeros(k, dtype=X.dtype)
+    setup = time.perf_counter() - t0
+    per = _median_product_time(lambda v: A @ v, k, count, X.dtype)
+    t0 = time.perf_counter()
+    A2, counter = curvlinops_hessian_params(cv, model, X, y, params)
+    v0 = np.random.default_rng(0).standard_normal(k)
+    val = scipy_eigsh(A2.to_scipy(), k=1, which="LA", v0=v0, return_eigenvectors=False)
+    return setup, per, float(val[0]), counter["mv"], time.perf_counter() - t0
+
+
+def _run_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, count: int) -> Run:
+    import copy
+
+    mod, counter = ph
+    frozen = copy.deepcopy(model)
+    for name, p in frozen.named_parameters():
+        p.requires_grad_(name.split(".")[0] == layer)
+    t0 = time.perf_counter()
+    hess = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+    shapes = [p.shape for p in hess.params]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+
+    def mv(v: torch.Tensor) -> Any:
+        parts = [q.view(sh) for q, sh in zip(torch.split(v, sizes), shapes)]
+        return mod.hessian_vector_product(hess.gradsH, hess.params, parts)
+
+    mv(torch.zeros(sum(sizes), dtype=X.dtype))
+    setup = time.perf_counter() - t0
+    per = _median_product_time(mv, sum(sizes), count, X.dtype)
+    frozen.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad: a second hessian() would double it
+    torch.manual_seed(0)
+    counter["hvp"] = 0
+    t0 = time.perf_counter()
+    hess2 = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+    vals, _ = hess2.eigenvalues(top_n=1)
+    return setup, per, float(vals[0]), counter["hvp"], time.perf_counter() - t0
+
+
+def block_benchmark(args: Any, dtype: torch.dtype, ph: Any, cv: Any) -> None:
+    """Per-layer blocks: curvlab block operator vs embedding vs curvlinops vs PyHessian (frozen layers)."""
+    from curvlab.linops import restrict
+
+    print("\n## Per-layer blocks of the Hessian (time per block product, and the block's top eigenvalue)\n")
+    print(
+        "| model | block (params) | method | setup + 1st product [s] | per product [ms] | top eigenvalue "
+        "| rel. diff. to reference "
+        "| matvecs | eigsh wall [s] |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios: list[str] = []
+    names = {
+        "block": "curvlab restrict (block operator, default)",
+        "embed": "curvlab restrict(block=False) (embedding, before)",
+        "cv": "curvlinops HessianLinearOperator(params=layer) (+ scipy eigsh)",
+        "ph": "PyHessian, other layers frozen (eigenvalues(top_n=1), defaults)",
+    }
+    count = args.block_products
+    for mname, (model, X, y) in _trained_models():
+        model = model.to(dtype)
+        X = X.to(dtype)
+        layers = [name for name, mod in model.named_children() if isinstance(mod, nn.Linear)]
+        for layer in (layers[-1], layers[0]):
+            ref_block = restrict(curvlab_hessian(model, X, y), layer, block=False)
+            ref = float(eigsh(ref_block, k=1, tol=1e-12, seed=123).eigenvalues[0])  # full products: independent path
+            k = ref_block.shape[0]
+            results: dict[str, Run] = {
+                "block": _run_curvlab(model, X, y, layer, True, count),
+                "embed": _run_curvlab(model, X, y, layer, False, count),
+            }
+            if not isinstance(cv, str):
+                results["cv"] = _run_curvlinops(cv, model, X, y, layer, count)
+            if not isinstance(ph, str):
+                results["ph"] = _run_pyhessian(ph, model, X, y, layer, count)
+            for key, (setup, per, val, mv_count, wall) in results.items():
+                print(
+                    f"| {mname} | {layer} ({k}) | {names[key]} | {setup:.3f} | {1e3 * per:.2f} | {val:.6f} | "
+                    f"{fmt(abs(val - ref) / abs(ref))} | {mv_count} | {wall:.2f} |"
+                )
+            base = results["block"]
+            line = f"- {mname}, {layer}: per product, the block operator is {results['embed'][1] / base[1]:.1f}x faster"
+            line += " than the embedding"
+            for key, label in (("cv", "curvlinops"), ("ph", "PyHessian")):
+                if key in results:
+                    line += f"; {label} takes {results[key][1] / base[1]:.2f}x its time"
+            line += f"; its eigsh is {results['embed'][4] / base[4]:.1f}x faster than the embedding's"
+            ratios.append(line)
+    print()
+    for line in ratios:
+        print(line)
+
+
+def curvlinops_hessian_params(
+    curvlinops: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, params: list
+) -> tuple[Any, dict]:
+    A = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)], check_deterministic=False)
+    counter = {"mv": 0}
+    original = A._matmat
+
+    def counted(M: list[torch.Tensor]) -> list[torch.Tensor]:
+        counter["mv"] += int(M[0].shape[-1])
+        return original(M)
+
+    A._matmat = counted
+    return A, counter
+
+
+# --------------------------------------------------------------------------- product modes
+def modes_benchmark(args: Any, dtype: torch.dtype) -> None:
+    """hessian(mode="reverse") (default) vs mode="forward": time per product and per 8-column block."""
+    print("\n## Hessian-vector product modes (per product, median of the timed products)\n")
+    print("| model | mode | 1 vector [ms] | 8-column block, per column [ms] |")
+    print("|---|---|---|---|")
+    for mname, (model, X, y) in _trained_models():
+        model = model.to(dtype)
+        X = X.to(dtype)
+        times = {}
+        for mode in ("reverse", "forward"):
+            H = curvlab_hessian(model, X, y, mode=mode)
+            n = H.shape[0]
+            per = _median_product_time(H.matvec, n, args.block_products, dtype)
+            g = torch.Generator().manual_seed(1)
+            Vs = [torch.randn(n, 8, generator=g, dtype=dtype) for _ in range(4)]
+            H.matmat(Vs[0])
+            t = []
+            for V in Vs[1:]:
+                t0 = time.perf_counter()
+                H.matmat(V)
+                t.append((time.perf_counter() - t0) / 8)
+            times[mode] = (per, statistics.median(t))
+            print(f"| {mname} | {mode} | {1e3 * per:.2f} | {1e3 * times[mode][1]:.2f} |")
+        r = times["forward"][0] / times["reverse"][0], times["forward"][1] / times["reverse"][1]
+        print(f"| {mname} | forward / reverse | {r[0]:.1f}x | {r[1]:.1f}x |")
 
 
 if __name__ == "__main__":
