@@ -62,14 +62,19 @@ def train_mlp(epochs: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, 
     return model, X, y
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--out`` defaults to a path beside this script (any working directory works)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out", default=str(HERE / "hessian_spectrum.png"), help="the density plot (the other figures go beside it)"
     )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--grid", type=int, default=21, help="landscape grid points per direction")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -128,7 +133,9 @@ def main() -> None:
     # 1. the spectral density: whole peaks, the eigsh outliers marked, the bulk in a linear inset
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot(1, 1, 1)
-    s.density.plot(ax=ax, color="C0", label="SLQ density (2 probes × 90 Lanczos steps)", outliers=s.outliers, inset=True)
+    s.density.plot(
+        ax=ax, color="C0", label="SLQ density (2 probes × 90 Lanczos steps)", outliers=s.outliers, inset=True
+    )
     ax.axvline(s.bulk_edge, color="C2", lw=0.8, ls=":", label="bulk edge")
     lo, hi = ax.get_ylim()
     ax.set_ylim(lo, hi * 30)  # head room for the legend above the bulk's peak
