@@ -53,6 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -472,19 +473,6 @@ def train_mlp3(epochs: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor,
     return model, X, y
 
 
-def _median_product_time(mv: Callable[[torch.Tensor], Any], n: int, count: int, dtype: torch.dtype) -> float:
-    """Median time of ``count`` products after a first one (which builds the graphs that later products reuse)."""
-    g = torch.Generator().manual_seed(0)
-    vs = [torch.randn(n, generator=g, dtype=dtype) for _ in range(count + 1)]
-    mv(vs[0])
-    times = []
-    for v in vs[1:]:
-        t0 = time.perf_counter()
-        mv(v)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _trained_models() -> list[tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
     """The example's MLP and the 3-layer MLP, trained in float32 whatever the default dtype."""
     old = torch.get_default_dtype()
@@ -495,46 +483,62 @@ def _trained_models() -> list[tuple[str, tuple[nn.Module, torch.Tensor, torch.Te
         torch.set_default_dtype(old)
 
 
-Run = tuple[float, float, float, int, float]  # setup [s], per product [s], top eigenvalue, matvecs, eigsh wall [s]
+Prep = tuple[float, Callable[[torch.Tensor], Any]]  # setup + first product [s], the product
+Eig = tuple[float, int, float]  # top eigenvalue, matvecs, wall [s]
 
 
-def _run_curvlab(model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, block: bool, count: int) -> Run:
+def _prep_curvlab(model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, block: bool) -> Prep:
     from curvlab.linops import restrict
 
     t0 = time.perf_counter()
     R = restrict(curvlab_hessian(model, X, y), layer, block=block)
     R.matvec(torch.zeros(R.shape[0], dtype=X.dtype))
-    setup = time.perf_counter() - t0
-    per = _median_product_time(R.matvec, R.shape[0], count, X.dtype)
+    return time.perf_counter() - t0, R.matvec
+
+
+def _eig_curvlab(model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, block: bool) -> Eig:
+    from curvlab.linops import restrict
+
     t0 = time.perf_counter()
     res = eigsh(restrict(curvlab_hessian(model, X, y), layer, block=block), k=1, seed=0)
-    return setup, per, float(res.eigenvalues[0]), res.n_matvecs, time.perf_counter() - t0
+    return float(res.eigenvalues[0]), res.n_matvecs, time.perf_counter() - t0
 
 
-def _run_curvlinops(cv: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, count: int) -> Run:
-    from scipy.sparse.linalg import eigsh as scipy_eigsh
+def _layer_params(model: nn.Module, layer: str) -> list[torch.Tensor]:
+    return [p for name, p in model.named_parameters() if name.split(".")[0] == layer]
 
-    params = [p for name, p in model.named_parameters() if name.split(".")[0] == layer]
-    k = sum(p.numel() for p in params)
+
+def _prep_curvlinops(cv: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Prep:
+    params = _layer_params(model, layer)
     t0 = time.perf_counter()
     A, _ = curvlinops_hessian_params(cv, model, X, y, params)
-    A @ torch.zeros(k, dtype=X.dtype)
-    setup = time.perf_counter() - t0
-    per = _median_product_time(lambda v: A @ v, k, count, X.dtype)
+    A @ torch.zeros(sum(p.numel() for p in params), dtype=X.dtype)
+    return time.perf_counter() - t0, lambda v: A @ v
+
+
+def _eig_curvlinops(cv: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Eig:
+    from scipy.sparse.linalg import eigsh as scipy_eigsh
+
+    params = _layer_params(model, layer)
     t0 = time.perf_counter()
-    A2, counter = curvlinops_hessian_params(cv, model, X, y, params)
-    v0 = np.random.default_rng(0).standard_normal(k)
-    val = scipy_eigsh(A2.to_scipy(), k=1, which="LA", v0=v0, return_eigenvectors=False)
-    return setup, per, float(val[0]), counter["mv"], time.perf_counter() - t0
+    A, counter = curvlinops_hessian_params(cv, model, X, y, params)
+    v0 = np.random.default_rng(0).standard_normal(sum(p.numel() for p in params))
+    val = scipy_eigsh(A.to_scipy(), k=1, which="LA", v0=v0, return_eigenvectors=False)
+    return float(val[0]), counter["mv"], time.perf_counter() - t0
 
 
-def _run_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, count: int) -> Run:
+def _frozen(model: nn.Module, layer: str) -> nn.Module:
     import copy
 
-    mod, counter = ph
     frozen = copy.deepcopy(model)
     for name, p in frozen.named_parameters():
         p.requires_grad_(name.split(".")[0] == layer)
+    return frozen
+
+
+def _prep_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Prep:
+    mod, _ = ph
+    frozen = _frozen(model, layer)
     t0 = time.perf_counter()
     hess = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
     shapes = [p.shape for p in hess.params]
@@ -545,26 +549,32 @@ def _run_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, 
         return mod.hessian_vector_product(hess.gradsH, hess.params, parts)
 
     mv(torch.zeros(sum(sizes), dtype=X.dtype))
-    setup = time.perf_counter() - t0
-    per = _median_product_time(mv, sum(sizes), count, X.dtype)
-    frozen.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad: a second hessian() would double it
+    return time.perf_counter() - t0, mv
+
+
+def _eig_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Eig:
+    mod, counter = ph
+    frozen = _frozen(model, layer)  # a fresh copy: PyHessian accumulates into .grad
     torch.manual_seed(0)
     counter["hvp"] = 0
     t0 = time.perf_counter()
-    hess2 = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
-    vals, _ = hess2.eigenvalues(top_n=1)
-    return setup, per, float(vals[0]), counter["hvp"], time.perf_counter() - t0
+    hess = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+    vals, _ = hess.eigenvalues(top_n=1)
+    return float(vals[0]), counter["hvp"], time.perf_counter() - t0
 
 
 def block_benchmark(args: Any, dtype: torch.dtype, ph: Any, cv: Any) -> None:
-    """Per-layer blocks: curvlab block operator vs embedding vs curvlinops vs PyHessian (frozen layers)."""
+    """Per-layer blocks: curvlab block operator vs embedding vs curvlinops vs PyHessian (frozen layers).
+
+    Products are timed in rounds (a few products of each method in turn), so load changes on a shared
+    machine hit the methods alike; the per-product time is the median.
+    """
     from curvlab.linops import restrict
 
     print("\n## Per-layer blocks of the Hessian (time per block product, and the block's top eigenvalue)\n")
     print(
         "| model | block (params) | method | setup + 1st product [s] | per product [ms] | top eigenvalue "
-        "| rel. diff. to reference "
-        "| matvecs | eigsh wall [s] |"
+        "| rel. diff. to reference | matvecs | eigsh wall [s] |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     ratios: list[str] = []
@@ -574,7 +584,6 @@ def block_benchmark(args: Any, dtype: torch.dtype, ph: Any, cv: Any) -> None:
         "cv": "curvlinops HessianLinearOperator(params=layer) (+ scipy eigsh)",
         "ph": "PyHessian, other layers frozen (eigenvalues(top_n=1), defaults)",
     }
-    count = args.block_products
     for mname, (model, X, y) in _trained_models():
         model = model.to(dtype)
         X = X.to(dtype)
@@ -583,26 +592,49 @@ def block_benchmark(args: Any, dtype: torch.dtype, ph: Any, cv: Any) -> None:
             ref_block = restrict(curvlab_hessian(model, X, y), layer, block=False)
             ref = float(eigsh(ref_block, k=1, tol=1e-12, seed=123).eigenvalues[0])  # full products: independent path
             k = ref_block.shape[0]
-            results: dict[str, Run] = {
-                "block": _run_curvlab(model, X, y, layer, True, count),
-                "embed": _run_curvlab(model, X, y, layer, False, count),
+            preps: dict[str, Prep] = {
+                "block": _prep_curvlab(model, X, y, layer, True),
+                "embed": _prep_curvlab(model, X, y, layer, False),
+            }
+            eig_runs: dict[str, Callable[[], Eig]] = {
+                "block": partial(_eig_curvlab, model, X, y, layer, True),
+                "embed": partial(_eig_curvlab, model, X, y, layer, False),
             }
             if not isinstance(cv, str):
-                results["cv"] = _run_curvlinops(cv, model, X, y, layer, count)
+                preps["cv"] = _prep_curvlinops(cv, model, X, y, layer)
+                eig_runs["cv"] = partial(_eig_curvlinops, cv, model, X, y, layer)
             if not isinstance(ph, str):
-                results["ph"] = _run_pyhessian(ph, model, X, y, layer, count)
-            for key, (setup, per, val, mv_count, wall) in results.items():
+                preps["ph"] = _prep_pyhessian(ph, model, X, y, layer)
+                eig_runs["ph"] = partial(_eig_pyhessian, ph, model, X, y, layer)
+            runs: dict[str, list[Eig]] = {key: [] for key in eig_runs}
+            for _ in range(3):  # the methods in turn; the median wall time
+                for key, fn in eig_runs.items():
+                    runs[key].append(fn())
+            eigs = {key: (r[0][0], r[0][1], statistics.median(x[2] for x in r)) for key, r in runs.items()}
+            g = torch.Generator().manual_seed(0)
+            times: dict[str, list[float]] = {key: [] for key in preps}
+            rounds = 4  # methods in turn, a few products each: load changes hit all, caches stay warm per method
+            vs = [torch.randn(k, generator=g, dtype=dtype) for _ in range(max(1, args.block_products // rounds))]
+            for _ in range(rounds):
+                for key, (_, mv) in preps.items():
+                    mv(vs[0])
+                    for v in vs:
+                        t0 = time.perf_counter()
+                        mv(v)
+                        times[key].append(time.perf_counter() - t0)
+            per = {key: statistics.median(ts) for key, ts in times.items()}
+            for key in preps:
+                val, mv_count, wall = eigs[key]
                 print(
-                    f"| {mname} | {layer} ({k}) | {names[key]} | {setup:.3f} | {1e3 * per:.2f} | {val:.6f} | "
-                    f"{fmt(abs(val - ref) / abs(ref))} | {mv_count} | {wall:.2f} |"
+                    f"| {mname} | {layer} ({k}) | {names[key]} | {preps[key][0]:.3f} | {1e3 * per[key]:.2f} | "
+                    f"{val:.6f} | {fmt(abs(val - ref) / abs(ref))} | {mv_count} | {wall:.2f} |"
                 )
-            base = results["block"]
-            line = f"- {mname}, {layer}: per product, the block operator is {results['embed'][1] / base[1]:.1f}x faster"
+            line = f"- {mname}, {layer}: per product, the block operator is {per['embed'] / per['block']:.1f}x faster"
             line += " than the embedding"
             for key, label in (("cv", "curvlinops"), ("ph", "PyHessian")):
-                if key in results:
-                    line += f"; {label} takes {results[key][1] / base[1]:.2f}x its time"
-            line += f"; its eigsh is {results['embed'][4] / base[4]:.1f}x faster than the embedding's"
+                if key in per:
+                    line += f"; {label} takes {per[key] / per['block']:.2f}x its time"
+            line += f"; its eigsh is {eigs['embed'][2] / eigs['block'][2]:.1f}x faster than the embedding's"
             ratios.append(line)
     print()
     for line in ratios:
@@ -626,29 +658,35 @@ def curvlinops_hessian_params(
 
 # --------------------------------------------------------------------------- product modes
 def modes_benchmark(args: Any, dtype: torch.dtype) -> None:
-    """hessian(mode="reverse") (default) vs mode="forward": time per product and per 8-column block."""
-    print("\n## Hessian-vector product modes (per product, median of the timed products)\n")
+    """hessian(mode="reverse") (default) vs mode="forward": time per product and per 8-column block, interleaved."""
+    print("\n## Hessian-vector product modes (median per product; the two modes timed in turn)\n")
     print("| model | mode | 1 vector [ms] | 8-column block, per column [ms] |")
     print("|---|---|---|---|")
     for mname, (model, X, y) in _trained_models():
         model = model.to(dtype)
         X = X.to(dtype)
-        times = {}
-        for mode in ("reverse", "forward"):
-            H = curvlab_hessian(model, X, y, mode=mode)
-            n = H.shape[0]
-            per = _median_product_time(H.matvec, n, args.block_products, dtype)
-            g = torch.Generator().manual_seed(1)
-            Vs = [torch.randn(n, 8, generator=g, dtype=dtype) for _ in range(4)]
-            H.matmat(Vs[0])
-            t = []
-            for V in Vs[1:]:
+        ops = {mode: curvlab_hessian(model, X, y, mode=mode) for mode in ("reverse", "forward")}
+        n = ops["reverse"].shape[0]
+        g = torch.Generator().manual_seed(1)
+        for H in ops.values():  # warm-up (the reverse mode builds its graph here)
+            H.matvec(torch.randn(n, generator=g, dtype=dtype))
+            H.matmat(torch.randn(n, 8, generator=g, dtype=dtype))
+        t1: dict[str, list[float]] = {m: [] for m in ops}
+        t8: dict[str, list[float]] = {m: [] for m in ops}
+        for _ in range(args.block_products):
+            v = torch.randn(n, generator=g, dtype=dtype)
+            V = torch.randn(n, 8, generator=g, dtype=dtype)
+            for mode, H in ops.items():
+                t0 = time.perf_counter()
+                H.matvec(v)
+                t1[mode].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 H.matmat(V)
-                t.append((time.perf_counter() - t0) / 8)
-            times[mode] = (per, statistics.median(t))
-            print(f"| {mname} | {mode} | {1e3 * per:.2f} | {1e3 * times[mode][1]:.2f} |")
-        r = times["forward"][0] / times["reverse"][0], times["forward"][1] / times["reverse"][1]
+                t8[mode].append((time.perf_counter() - t0) / 8)
+        med = {m: (statistics.median(t1[m]), statistics.median(t8[m])) for m in ops}
+        for mode in ops:
+            print(f"| {mname} | {mode} | {1e3 * med[mode][0]:.2f} | {1e3 * med[mode][1]:.2f} |")
+        r = med["forward"][0] / med["reverse"][0], med["forward"][1] / med["reverse"][1]
         print(f"| {mname} | forward / reverse | {r[0]:.1f}x | {r[1]:.1f}x |")
 
 
