@@ -35,17 +35,27 @@ from curvlab.linops._base import LinearOperator, aslinearoperator
 
 from ._result import _check_n, _default_dtype_device, _symmetric_operator
 
-__all__ = ["randomized_range_finder", "randomized_svd", "randomized_eigh", "nystrom"]
+__all__ = ["randomized_range_finder", "randomized_svd", "randomized_eigh", "nystrom", "NonFiniteError"]
+
+
+class NonFiniteError(ValueError, torch.linalg.LinAlgError):
+    """An operator's products are not finite (nan / inf): raised before any factorisation sees them.
+
+    A ``ValueError`` (the operator handed in is bad) and a :class:`torch.linalg.LinAlgError` — the
+    error torch's factorisations raise on such input — so code that catches either keeps working.
+    :func:`curvlab.spectrum.trace`, :func:`~curvlab.spectrum.diag`, :func:`~curvlab.spectrum.density`
+    and :func:`~curvlab.spectrum.summary` raise it too.
+    """
 
 
 def _finite(Y: Tensor, what: str) -> Tensor:
     """``Y`` (products with ``A``), checked to be finite.
 
     Raises:
-        ValueError: it holds nan or inf.
+        NonFiniteError: it holds nan or inf.
     """
     if not bool(torch.isfinite(Y).all()):
-        raise ValueError(
+        raise NonFiniteError(
             f"{what}: the products with A are not finite (nan or inf); A is not finite at this point "
             "(check the loss / model / matrix for nan or inf)"
         )
@@ -118,6 +128,7 @@ def randomized_range_finder(
     Raises:
         ValueError: ``k`` out of range, ``n_oversample < 0``, ``n_power < 0``,
             a callable without ``n``.
+        NonFiniteError: the products with ``A`` are not finite (a ``ValueError``).
 
     Example:
         >>> A = torch.randn(30, 4, dtype=torch.float64) @ torch.randn(4, 20, dtype=torch.float64)
@@ -163,7 +174,7 @@ def randomized_svd(
         descending, ``Vh`` ``(k, n)`` orthonormal rows.
 
     Raises:
-        ValueError: as :func:`randomized_range_finder`.
+        ValueError: as :func:`randomized_range_finder` (non-finite products: :class:`NonFiniteError`).
         NotImplementedError: ``A`` has no transposed product.
 
     Example:
@@ -222,7 +233,8 @@ def randomized_eigh(
 
     Raises:
         ValueError: ``A`` a LinearOperator not tagged symmetric, ``k`` out of
-            range, unknown ``which``, negative ``n_oversample`` / ``n_power``.
+            range, unknown ``which``, negative ``n_oversample`` / ``n_power``; non-finite
+            products (:class:`NonFiniteError`).
 
     Example:
         >>> A = torch.diag(torch.tensor([5.0, -4.0, 1e-3, 0.0, 0.0], dtype=torch.float64))
@@ -305,7 +317,7 @@ def nystrom(
     Raises:
         ValueError: ``A`` a LinearOperator not tagged symmetric, ``k`` out of
             range, negative ``n_oversample``, or ``A`` too far from PSD for
-            the shifted Cholesky factorisation.
+            the shifted Cholesky factorisation; non-finite products (:class:`NonFiniteError`).
 
     Example:
         >>> G = torch.randn(20, 3, dtype=torch.float64)

@@ -318,7 +318,8 @@ def restrict(op: LinearOperator, select: Any, *, block: bool = True) -> Restrict
     Raises:
         ValueError: ``op`` not square, an unknown name, names on an operator without
             parameters, an empty selection, indices out of range or repeated.
-        TypeError: ``op`` not a :class:`LinearOperator`, ``select`` of an unsupported type.
+        TypeError: ``op`` not a :class:`LinearOperator`, ``select`` of an unsupported type, a
+            non-bool ``block``.
 
     Example:
         >>> A = torch.arange(16.0).reshape(4, 4)

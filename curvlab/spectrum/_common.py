@@ -256,8 +256,10 @@ class Monitor:
 
 # --------------------------------------------------------------------------- numerics
 def nonfinite_error(what: str, where: str) -> ValueError:
-    """The error the estimators raise when the operator's products are not finite."""
-    return ValueError(
+    """The error the estimators raise when the operator's products are not finite (a ``ValueError``)."""
+    from curvlab.linalg.randomized import NonFiniteError
+
+    return NonFiniteError(
         f"{what}: the operator op returned non-finite values (nan or inf) in {where}; the curvature is not "
         "finite at this point (check the loss and the parameters for nan/inf, or a loss that overflows)"
     )

@@ -277,6 +277,10 @@ class BatchSpectrum:
 
         Returns:
             The ``Axes``.
+
+        Raises:
+            ValueError: an unknown ``errors``.
+            ImportError: matplotlib is not installed.
         """
         from .density import _MATPLOTLIB_MISSING, _require_matplotlib
 
