@@ -178,8 +178,8 @@ def hessian(
       see ``benchmarks/RESULTS.md``.
     * ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``,
       with ``vmap`` over columns for :meth:`~LinearOperator.matmat`; keeps no graph. It is
-      slower on CPU (``benchmarks/spectrum.py --sections modes``: 1.9-2.9x per product,
-      1.5x per 8-column block on two digits MLPs; up to 11x on other models): use it
+      slower on CPU (``benchmarks/spectrum.py --sections modes``: 1.7-2.9x per product,
+      1.4-1.5x per 8-column block on two digits MLPs; up to 11x on other models): use it
       only when the cached graph does not fit in memory. ``"auto"`` picks ``"reverse"``.
 
     Args:
