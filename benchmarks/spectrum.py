@@ -20,7 +20,16 @@ dense, the Hessian-vector products used and the wall time:
   Lanczos steps) and at its own default (2 × 90), PyHessian's ``density(iter=100,
   n_v=1)``, curvlinops' ``lanczos_approximate_spectrum(ncv=100)`` (Papyan 2020);
   error = Wasserstein-1 distance to the dense eigenvalue distribution over the
-  spectral width (from the quadrature nodes, and from the smoothed density on its grid).
+  spectral width (from the quadrature nodes, and from the smoothed density on its grid);
+* per-layer blocks (``--sections blocks``): the Hessian restricted to one layer, on the
+  example's MLP and on a 3-layer 64-128-128-10 MLP: time per block product and for the
+  top eigenvalue of curvlab's block operator (``restrict(H, layer)``: only the layer's
+  parameters are differentiated), curvlab's embedding into full products
+  (``restrict(H, layer, block=False)``, the behaviour before issue 15), curvlinops'
+  ``HessianLinearOperator`` over the layer's parameters (+ scipy ``eigsh``) and PyHessian
+  with the other layers frozen (``requires_grad=False``, its per-layer recipe);
+* product modes (``--sections modes``): ``hessian(..., mode="reverse")`` (the default)
+  against ``mode="forward"`` per product and per 8-column block.
 
 Wall times include building each library's operator (graph construction for
 curvlab and PyHessian; curvlinops with ``check_deterministic=False``). Times
@@ -32,6 +41,7 @@ Run from the repository root::
 
     python benchmarks/spectrum.py              # float64, 5 repeats, 30 trace seeds
     python benchmarks/spectrum.py --dtype float32
+    python benchmarks/spectrum.py --sections blocks,modes
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +72,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from hessian_spectrum import train_mlp  # noqa: E402
 
 
-def curvlab_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> cl.linops.HessianOperator:
+def curvlab_hessian(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, mode: str = "auto"
+) -> cl.linops.HessianOperator:
     def loss(params: Any, batch: Any) -> torch.Tensor:
         xb, yb = batch
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, (xb,)), yb)
 
-    return cl.linops.hessian(loss, model, data=(X, y))
+    return cl.linops.hessian(loss, model, data=(X, y), mode=mode)
 
 
 def dense_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -180,8 +193,31 @@ def main() -> None:
     ap.add_argument("--density-seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dense-cache", default=None, help="file to keep the dense eigenvalues in between runs")
+    ap.add_argument(
+        "--sections", default="eig,trace,density,blocks,modes", help="comma-separated: eig,trace,density,blocks,modes"
+    )
+    ap.add_argument("--block-products", type=int, default=20, help="products timed per block method")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    unknown = sections - {"eig", "trace", "density", "blocks", "modes"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+    if not sections & {"eig", "trace", "density"}:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.set_default_dtype(dtype)
+        print(f"# Hessian spectrum benchmark ({args.dtype}), sections {sorted(sections)}")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, no GPU"
+        )
+        ph, cv = load_pyhessian(), load_curvlinops()
+        if "blocks" in sections:
+            block_benchmark(args, dtype, ph, cv)
+        if "modes" in sections:
+            modes_benchmark(args, dtype)
+        return
 
     model, X, y = train_mlp()  # before set_num_threads: the weights do not depend on --threads
     t_dense = time.perf_counter()
@@ -402,6 +438,256 @@ def main() -> None:
         dt = statistics.median(r[3] for r in runs)
         cells = ["—" if math.isnan(w) else fmt(w) for w in (wn, wg)]
         print(f"| {name} | {cells[0]} | {cells[1]} | {mv} | {dt:.2f} |")
+
+    if "blocks" in sections:
+        block_benchmark(args, dtype, ph, cv)
+    if "modes" in sections:
+        modes_benchmark(args, dtype)
+
+
+# --------------------------------------------------------------------------- per-layer blocks
+def train_mlp3(epochs: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-layer 64-128-128-10 ReLU MLP, trained as the example's (SGD lr 0.1, batch 32, 5 epochs on digits)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(seed)
+    Xn, yn = load_digits(return_X_y=True)
+    X = torch.tensor(Xn / 16.0, dtype=torch.float32)
+    y = torch.tensor(yn)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(64, 128))
+    model.add_module("relu1", nn.ReLU())
+    model.add_module("fc2", nn.Linear(128, 128))
+    model.add_module("relu2", nn.ReLU())
+    model.add_module("fc3", nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=g)
+        for i in range(0, len(X), 32):
+            idx = perm[i : i + 32]
+            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, X, y
+
+
+def _trained_models() -> list[tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
+    """The example's MLP and the 3-layer MLP, trained in float32 whatever the default dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return [("MLP 64-64-10", train_mlp()), ("MLP 64-128-128-10", train_mlp3())]
+    finally:
+        torch.set_default_dtype(old)
+
+
+Prep = tuple[float, Callable[[torch.Tensor], Any]]  # setup + first product [s], the product
+Eig = tuple[float, int, float]  # top eigenvalue, matvecs, wall [s]
+
+
+def _prep_curvlab(model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, block: bool) -> Prep:
+    from curvlab.linops import restrict
+
+    t0 = time.perf_counter()
+    R = restrict(curvlab_hessian(model, X, y), layer, block=block)
+    R.matvec(torch.zeros(R.shape[0], dtype=X.dtype))
+    return time.perf_counter() - t0, R.matvec
+
+
+def _eig_curvlab(model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str, block: bool) -> Eig:
+    from curvlab.linops import restrict
+
+    t0 = time.perf_counter()
+    res = eigsh(restrict(curvlab_hessian(model, X, y), layer, block=block), k=1, seed=0)
+    return float(res.eigenvalues[0]), res.n_matvecs, time.perf_counter() - t0
+
+
+def _layer_params(model: nn.Module, layer: str) -> list[torch.Tensor]:
+    return [p for name, p in model.named_parameters() if name.split(".")[0] == layer]
+
+
+def _prep_curvlinops(cv: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Prep:
+    params = _layer_params(model, layer)
+    t0 = time.perf_counter()
+    A, _ = curvlinops_hessian_params(cv, model, X, y, params)
+    A @ torch.zeros(sum(p.numel() for p in params), dtype=X.dtype)
+    return time.perf_counter() - t0, lambda v: A @ v
+
+
+def _eig_curvlinops(cv: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Eig:
+    from scipy.sparse.linalg import eigsh as scipy_eigsh
+
+    params = _layer_params(model, layer)
+    t0 = time.perf_counter()
+    A, counter = curvlinops_hessian_params(cv, model, X, y, params)
+    v0 = np.random.default_rng(0).standard_normal(sum(p.numel() for p in params))
+    val = scipy_eigsh(A.to_scipy(), k=1, which="LA", v0=v0, return_eigenvectors=False)
+    return float(val[0]), counter["mv"], time.perf_counter() - t0
+
+
+def _frozen(model: nn.Module, layer: str) -> nn.Module:
+    import copy
+
+    frozen = copy.deepcopy(model)
+    for name, p in frozen.named_parameters():
+        p.requires_grad_(name.split(".")[0] == layer)
+    return frozen
+
+
+def _prep_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Prep:
+    mod, _ = ph
+    frozen = _frozen(model, layer)
+    t0 = time.perf_counter()
+    hess = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+    shapes = [p.shape for p in hess.params]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+
+    def mv(v: torch.Tensor) -> Any:
+        parts = [q.view(sh) for q, sh in zip(torch.split(v, sizes), shapes)]
+        return mod.hessian_vector_product(hess.gradsH, hess.params, parts)
+
+    mv(torch.zeros(sum(sizes), dtype=X.dtype))
+    return time.perf_counter() - t0, mv
+
+
+def _eig_pyhessian(ph: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, layer: str) -> Eig:
+    mod, counter = ph
+    frozen = _frozen(model, layer)  # a fresh copy: PyHessian accumulates into .grad
+    torch.manual_seed(0)
+    counter["hvp"] = 0
+    t0 = time.perf_counter()
+    hess = mod.hessian(frozen, nn.CrossEntropyLoss(), data=(X, y), cuda=False)
+    vals, _ = hess.eigenvalues(top_n=1)
+    return float(vals[0]), counter["hvp"], time.perf_counter() - t0
+
+
+def block_benchmark(args: Any, dtype: torch.dtype, ph: Any, cv: Any) -> None:
+    """Per-layer blocks: curvlab block operator vs embedding vs curvlinops vs PyHessian (frozen layers).
+
+    Products are timed in rounds (a few products of each method in turn), so load changes on a shared
+    machine hit the methods alike; the per-product time is the median.
+    """
+    from curvlab.linops import restrict
+
+    print("\n## Per-layer blocks of the Hessian (time per block product, and the block's top eigenvalue)\n")
+    print(
+        "| model | block (params) | method | setup + 1st product [s] | per product [ms] | top eigenvalue "
+        "| rel. diff. to reference | matvecs | eigsh wall [s] |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios: list[str] = []
+    names = {
+        "block": "curvlab restrict (block operator, default)",
+        "embed": "curvlab restrict(block=False) (embedding, before)",
+        "cv": "curvlinops HessianLinearOperator(params=layer) (+ scipy eigsh)",
+        "ph": "PyHessian, other layers frozen (eigenvalues(top_n=1), defaults)",
+    }
+    for mname, (model, X, y) in _trained_models():
+        model = model.to(dtype)
+        X = X.to(dtype)
+        layers = [name for name, mod in model.named_children() if isinstance(mod, nn.Linear)]
+        for layer in (layers[-1], layers[0]):
+            ref_block = restrict(curvlab_hessian(model, X, y), layer, block=False)
+            ref = float(eigsh(ref_block, k=1, tol=1e-12, seed=123).eigenvalues[0])  # full products: independent path
+            k = ref_block.shape[0]
+            preps: dict[str, Prep] = {
+                "block": _prep_curvlab(model, X, y, layer, True),
+                "embed": _prep_curvlab(model, X, y, layer, False),
+            }
+            eig_runs: dict[str, Callable[[], Eig]] = {
+                "block": partial(_eig_curvlab, model, X, y, layer, True),
+                "embed": partial(_eig_curvlab, model, X, y, layer, False),
+            }
+            if not isinstance(cv, str):
+                preps["cv"] = _prep_curvlinops(cv, model, X, y, layer)
+                eig_runs["cv"] = partial(_eig_curvlinops, cv, model, X, y, layer)
+            if not isinstance(ph, str):
+                preps["ph"] = _prep_pyhessian(ph, model, X, y, layer)
+                eig_runs["ph"] = partial(_eig_pyhessian, ph, model, X, y, layer)
+            runs: dict[str, list[Eig]] = {key: [] for key in eig_runs}
+            for _ in range(3):  # the methods in turn; the median wall time
+                for key, fn in eig_runs.items():
+                    runs[key].append(fn())
+            eigs = {key: (r[0][0], r[0][1], statistics.median(x[2] for x in r)) for key, r in runs.items()}
+            g = torch.Generator().manual_seed(0)
+            times: dict[str, list[float]] = {key: [] for key in preps}
+            rounds = 4  # methods in turn, a few products each: load changes hit all, caches stay warm per method
+            vs = [torch.randn(k, generator=g, dtype=dtype) for _ in range(max(1, args.block_products // rounds))]
+            for _ in range(rounds):
+                for key, (_, mv) in preps.items():
+                    mv(vs[0])
+                    for v in vs:
+                        t0 = time.perf_counter()
+                        mv(v)
+                        times[key].append(time.perf_counter() - t0)
+            per = {key: statistics.median(ts) for key, ts in times.items()}
+            for key in preps:
+                val, mv_count, wall = eigs[key]
+                print(
+                    f"| {mname} | {layer} ({k}) | {names[key]} | {preps[key][0]:.3f} | {1e3 * per[key]:.2f} | "
+                    f"{val:.6f} | {fmt(abs(val - ref) / abs(ref))} | {mv_count} | {wall:.2f} |"
+                )
+            line = f"- {mname}, {layer}: per product, the block operator is {per['embed'] / per['block']:.1f}x faster"
+            line += " than the embedding"
+            for key, label in (("cv", "curvlinops"), ("ph", "PyHessian")):
+                if key in per:
+                    line += f"; {label} takes {per[key] / per['block']:.2f}x its time"
+            line += f"; its eigsh is {eigs['embed'][2] / eigs['block'][2]:.1f}x faster than the embedding's"
+            ratios.append(line)
+    print()
+    for line in ratios:
+        print(line)
+
+
+def curvlinops_hessian_params(
+    curvlinops: Any, model: nn.Module, X: torch.Tensor, y: torch.Tensor, params: list
+) -> tuple[Any, dict]:
+    A = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)], check_deterministic=False)
+    counter = {"mv": 0}
+    original = A._matmat
+
+    def counted(M: list[torch.Tensor]) -> list[torch.Tensor]:
+        counter["mv"] += int(M[0].shape[-1])
+        return original(M)
+
+    A._matmat = counted
+    return A, counter
+
+
+# --------------------------------------------------------------------------- product modes
+def modes_benchmark(args: Any, dtype: torch.dtype) -> None:
+    """hessian(mode="reverse") (default) vs mode="forward": time per product and per 8-column block, interleaved."""
+    print("\n## Hessian-vector product modes (median per product; the two modes timed in turn)\n")
+    print("| model | mode | 1 vector [ms] | 8-column block, per column [ms] |")
+    print("|---|---|---|---|")
+    for mname, (model, X, y) in _trained_models():
+        model = model.to(dtype)
+        X = X.to(dtype)
+        ops = {mode: curvlab_hessian(model, X, y, mode=mode) for mode in ("reverse", "forward")}
+        n = ops["reverse"].shape[0]
+        g = torch.Generator().manual_seed(1)
+        for H in ops.values():  # warm-up (the reverse mode builds its graph here)
+            H.matvec(torch.randn(n, generator=g, dtype=dtype))
+            H.matmat(torch.randn(n, 8, generator=g, dtype=dtype))
+        t1: dict[str, list[float]] = {m: [] for m in ops}
+        t8: dict[str, list[float]] = {m: [] for m in ops}
+        for _ in range(args.block_products):
+            v = torch.randn(n, generator=g, dtype=dtype)
+            V = torch.randn(n, 8, generator=g, dtype=dtype)
+            for mode, H in ops.items():
+                t0 = time.perf_counter()
+                H.matvec(v)
+                t1[mode].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                H.matmat(V)
+                t8[mode].append((time.perf_counter() - t0) / 8)
+        med = {m: (statistics.median(t1[m]), statistics.median(t8[m])) for m in ops}
+        for mode in ops:
+            print(f"| {mname} | {mode} | {1e3 * med[mode][0]:.2f} | {1e3 * med[mode][1]:.2f} |")
+        r = med["forward"][0] / med["reverse"][0], med["forward"][1] / med["reverse"][1]
+        print(f"| {mname} | forward / reverse | {r[0]:.1f}x | {r[1]:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Every rank loads digits, trains the same small MLP (same seed, a few full-batch 
 takes *its shard* of the data with :func:`curvlab.distributed.shard` and builds the Hessian
 of the training loss over it. Because the Hessian operator all-reduces its products (with
 the batch weights of the global sample count) and the probes are seeded, every rank gets
-the Hessian over the whole training set: the printed top eigenvalues, trace and density
-moments are the single-process numbers (to rounding), and only rank 0 prints and writes.
+the Hessian over the whole training set: the printed top eigenvalues, trace, density
+moments and the last layer's top eigenvalue (its block operator, which differentiates only
+that layer) are the single-process numbers (to rounding), and only rank 0 prints, shows the
+progress bar (``--progress``) and writes.
 
 Run from the repository root, on 2 processes (gloo on CPU; nccl when each rank has a GPU)::
 
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
     parser.add_argument("--batch", type=int, default=300, help="batch size of the operator's passes per rank")
+    parser.add_argument("--progress", action="store_true", help="tqdm bars (rank 0 only)")
     args = parser.parse_args()
     device = setup()
     X, y = load_digits(return_X_y=True)
@@ -74,15 +77,17 @@ def main() -> None:
 
     t0 = time.perf_counter()
     H = cl.linops.hessian(loss, model, data=batches, cache=True)
-    top = cl.spectrum.eigsh(H, args.k, tol=1e-10, seed=0)
-    tr = cl.spectrum.trace(H, "hutch++", budget=60, seed=1)
-    dens = cl.spectrum.density(H, n_probes=3, n_lanczos=40, seed=2)
+    top = cl.spectrum.eigsh(H, args.k, tol=1e-10, seed=0, progress=args.progress)
+    tr = cl.spectrum.trace(H, "hutch++", budget=60, seed=1, progress=args.progress)
+    dens = cl.spectrum.density(H, n_probes=3, n_lanczos=40, seed=2, progress=args.progress)
+    last = cl.spectrum.eigsh(cl.linops.restrict(H, "2"), 1, tol=1e-10, seed=3)  # the last Linear layer's block
     value = float(H.value)  # a collective too: every rank evaluates it, not only the one that prints
     elapsed = time.perf_counter() - t0
     if cd.is_main_process():
         print(f"processes: {cd.world_size()}   samples: {len(X)} (this rank: {len(Xs)})   params: {H.shape[0]}")
         print(f"loss over the whole training set: {value:.12f}")
-        print("top eigenvalues: " + "  ".join(f"{float(v):.10f}" for v in top.eigenvalues))
+        print("top eigenvalues: " + "  ".join(f"{float(v):.10f}" for v in top.eigenvalues) + f"  ({top.status})")
+        print(f"last layer's block ({last.n_matvecs} block products): top eigenvalue {float(last.eigenvalues[0]):.10f}")
         print(f"trace (Hutch++, 60 products, seed 1): {float(tr.estimate):.10f} +- {float(tr.std_error):.2e}")
         print(f"density moments (SLQ, seed 2): mean {dens.moment(1):.10f}  second {dens.moment(2):.10f}")
         print(f"time: {elapsed:.2f} s   products: {H.n_matvecs}")

@@ -17,11 +17,19 @@ the basis loses orthogonality as Ritz values converge; full
 reorthogonalisation (here: classical Gram–Schmidt against all previous
 vectors, applied twice, "CGS2") keeps it orthonormal to working precision
 at :math:`O(n m^2)` cost (Golub & Van Loan §10.3.1).
+
+The recurrence runs on :math:`A/s`, with :math:`s` a power of two near the size of the
+first product (exact, so the digits are those of :math:`A`), and :math:`T_m` is scaled
+back: an operator of any magnitude (:math:`10^{-170}` in float64, :math:`10^{-30}` in
+float32, where the squares inside the vector norms would underflow) gives the same
+relative accuracy. A non-finite product stops the run (``status="nan"``).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +37,9 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
-from ._result import _check_n, _check_positive_int, _default_dtype_device, _symmetric_operator
+from ..checks import check_int
+from ..status import Status
+from ._result import _check_n, _default_dtype_device, _symmetric_operator
 
 __all__ = ["LanczosResult", "lanczos"]
 
@@ -45,6 +55,10 @@ class LanczosResult:
         n_matvecs: products with ``A`` used (``m``).
         breakdown: an invariant subspace was found before ``k`` steps
             (:math:`\beta_j` negligible, or ``k > n``), so ``m < k``.
+        status: a :class:`~curvlab.Status`: ``"max_iter"`` (``k`` steps taken), ``"breakdown"``
+            (an invariant subspace: :math:`T_m` holds exact eigenvalues of ``A``), ``"nan"``
+            (product ``m`` was not finite: ``alpha[-1]`` is non-finite, the earlier entries are
+            those of the finite steps) or ``"callback"`` (the callback stopped the run).
         info: extras: ``"beta_last"`` (:math:`\beta_m = \|A q_m - \ldots\|`, the
             residual norm that bounds the Ritz pairs' residuals:
             :math:`\|A Q s - \theta Q s\| = \beta_m |s_m|`; negligible at breakdown)
@@ -58,6 +72,7 @@ class LanczosResult:
     n_matvecs: int
     breakdown: bool
     info: dict = field(default_factory=dict)
+    status: Status = Status.MAX_ITER
 
     def tridiagonal(self) -> Tensor:
         """The dense ``(m, m)`` symmetric tridiagonal matrix :math:`T_m`."""
@@ -81,6 +96,7 @@ def lanczos(
     reorth: str = "full",
     store_basis: bool = True,
     check_every: int = 1,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
 ) -> LanczosResult:
     r"""Run ``k`` steps of symmetric Lanczos on ``A`` (Lanczos, 1950; Golub & Van Loan §10.1).
 
@@ -116,14 +132,21 @@ def lanczos(
             work). Larger values suit GPUs.
         store_basis: return ``Q`` (``False`` saves the ``(n, m)`` output; with
             ``reorth="full"`` the basis is still kept while running).
+        callback: ``callback(info) -> bool`` after every step, with ``info = {"step": j,
+            "n_matvecs": ..., "alpha": alpha_j, "beta": beta_j}`` (0-dim tensors: reading them
+            synchronises the host). Returning ``True`` stops after that step
+            (``status="callback"``). In a data-parallel run its answer must be the same on
+            every rank.
 
     Returns:
-        A :class:`LanczosResult` with ``m <= k`` steps.
+        A :class:`LanczosResult` with ``m <= k`` steps and its ``status``.
 
     Raises:
         ValueError: ``A`` a :class:`~curvlab.linops.LinearOperator` not tagged
             symmetric, ``A`` not square, ``k < 1``, a callable without ``n``,
-            ``v0`` of the wrong shape or zero, an unknown ``reorth``.
+            ``v0`` of the wrong shape or zero, an unknown ``reorth``, ``check_every`` not a
+            positive int.
+        TypeError: a non-callable ``callback``.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -131,7 +154,9 @@ def lanczos(
         >>> torch.allclose(res.ritz()[0], torch.arange(1.0, 11.0, dtype=torch.float64))
         True
     """
-    check_every = _check_positive_int(check_every, "check_every")
+    check_every = check_int(check_every, "check_every", 1)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (info dict -> bool), got {type(callback).__name__}")
     if reorth not in ("full", "none"):
         raise ValueError(f"reorth must be 'full' or 'none', got {reorth!r}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) < 1:
@@ -149,6 +174,7 @@ def lanczos(
         raise ValueError(f"v0 must be a tensor of shape ({size},), got {getattr(v0, 'shape', type(v0).__name__)}")
     elif v0.dtype != dtype or v0.device != device:
         raise ValueError(f"v0 must have A's dtype {dtype} and device {device}, got {v0.dtype} on {v0.device}")
+    v0 = v0 / _pow2_scale(v0)  # a norm that neither underflows nor overflows
     v0norm = torch.linalg.vector_norm(v0)
     if not bool(torch.isfinite(v0norm)) or float(v0norm) == 0.0:
         raise ValueError("v0 must be a nonzero finite vector")
@@ -166,14 +192,19 @@ def lanczos(
     eps = torch.finfo(dtype).eps
     rel_tol, abs_tol = eps**0.5, max(size, 10) * eps
     start = op.n_matvecs
-    breakdown = False
     beta = torch.zeros((), dtype=dtype, device=device)
-    pending: list[Tensor] = []  # breakdown flags of the steps not yet tested on the host
+    scale: float | None = None  # the recurrence runs on A / scale (a power of two: exact)
+    pending: list[Tensor] = []  # stop flags (breakdown or non-finite) of the steps not yet tested on the host
     anorms: list[Tensor] = []
+    finite: list[Tensor] = []
+    stopped = False
     for j in range(m_max):
         if Q is not None:
             Q[:, j] = q
         w = op.matvec(q)
+        if scale is None:
+            scale = _pow2_scale(w)
+        w = w / scale
         wnorm = torch.linalg.vector_norm(w)
         anorm = torch.maximum(anorm, wnorm)
         anorms.append(anorm)
@@ -187,33 +218,61 @@ def lanczos(
                 w = w - Qj @ (Qj.T @ w)
         beta = torch.linalg.vector_norm(w)
         alphas.append(alpha)
-        if j == m_max - 1:
+        ok = torch.isfinite(wnorm) & torch.isfinite(beta)
+        finite.append(ok)
+        if callback is not None and callback(
+            {"step": j, "n_matvecs": op.n_matvecs - start, "alpha": alpha * scale, "beta": beta * scale}
+        ):
+            stopped = True
+            betas.append(beta)
+            pending.append(~ok | (beta <= rel_tol * wnorm) | (beta <= abs_tol * anorm))
             break
-        # invariant subspace: A q_j (almost) inside span(Q). One host sync per `check_every` steps.
+        if j == m_max - 1:
+            pending.append(~ok)
+            betas.append(beta)
+            break
+        # invariant subspace: A q_j (almost) inside span(Q); or a non-finite product. One host sync per
+        # `check_every` steps.
         betas.append(beta)
-        pending.append((beta <= rel_tol * wnorm) | (beta <= abs_tol * anorm))
+        pending.append(~ok | (beta <= rel_tol * wnorm) | (beta <= abs_tol * anorm))
         if (j + 1) % check_every == 0 and _first_breakdown(pending, j) >= 0:
             break
         q_prev, beta_prev = q, beta
         q = w / beta
-    if pending and (i := _first_breakdown(pending, len(betas) - 1)) >= 0:
-        breakdown = True  # at step i: keep alpha_0..alpha_i, beta_0..beta_{i-1}; beta_i is the last beta
-        beta, anorm = betas[i], anorms[i]
+    # betas holds beta_0 .. beta_{m-1}; the last one is the residual norm beta_m, not part of T
+    status = Status.CALLBACK if stopped else Status.MAX_ITER
+    last = len(alphas) - 1
+    if pending and (i := _first_breakdown(pending, last)) >= 0:
+        # stop at step i: keep alpha_0..alpha_i, beta_0..beta_{i-1}; beta_i is the last beta
         del alphas[i + 1 :]
-        del betas[i:]
+        del betas[i + 1 :]
+        anorms = anorms[: i + 1]
+        status = Status.NAN if not bool(finite[i]) else (Status.CALLBACK if stopped and i == last else Status.BREAKDOWN)
     m = len(alphas)
-    if m < int(k):
-        breakdown = True
-    alpha_t = torch.stack(alphas)
-    beta_t = torch.stack(betas) if betas else torch.zeros(0, dtype=dtype, device=device)
+    if status is Status.MAX_ITER and m < int(k):  # k > n: the whole space is invariant
+        status = Status.BREAKDOWN
+    beta = betas[-1]
+    anorm = anorms[m - 1]
+    s_ = 1.0 if scale is None else scale
+    alpha_t = torch.stack(alphas) * s_
+    beta_t = torch.stack(betas[:-1]) * s_ if m > 1 else torch.zeros(0, dtype=dtype, device=device)
     return LanczosResult(
         alpha=alpha_t,
         beta=beta_t,
         Q=(Q[:, :m] if (store_basis and Q is not None) else None),
         n_matvecs=op.n_matvecs - start,
-        breakdown=breakdown,
-        info={"beta_last": beta, "anorm": anorm},
+        breakdown=status is Status.BREAKDOWN,
+        info={"beta_last": beta * s_, "anorm": anorm * s_},
+        status=status,
     )
+
+
+def _pow2_scale(w: Tensor) -> float:
+    """A power of two near ``max |w_i|`` (1 for a zero or non-finite ``w``): dividing by it is exact."""
+    m = float(w.abs().max()) if w.numel() else 0.0
+    if not (m > 0.0 and math.isfinite(m)):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(m)[1] - 1)
 
 
 def _first_breakdown(pending: list[Tensor], j: int) -> int:

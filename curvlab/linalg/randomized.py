@@ -17,36 +17,53 @@ Cevher (2017), "Fixed-rank approximation of a positive-semidefinite matrix
 from streaming data", NeurIPS, Algorithm 3.
 
 All products are block products (``A.matmat`` / ``A.rmatmat``) on ``A``'s
-device and dtype.
+device and dtype. Products that are not finite (nan / inf) raise a ``ValueError`` that
+says so, before any factorisation sees them.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvlab import distributed as _dist
+from curvlab.checks import check_int
 from curvlab.linops._base import LinearOperator, aslinearoperator
 
 from ._result import _check_n, _default_dtype_device, _symmetric_operator
 
-__all__ = ["randomized_range_finder", "randomized_svd", "randomized_eigh", "nystrom"]
+__all__ = ["randomized_range_finder", "randomized_svd", "randomized_eigh", "nystrom", "NonFiniteError"]
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if int(value) < low:
-        raise ValueError(f"{name} must be >= {low}, got {int(value)}")
-    return int(value)
+class NonFiniteError(ValueError, torch.linalg.LinAlgError):
+    """An operator's products are not finite (nan / inf): raised before any factorisation sees them.
+
+    A ``ValueError`` (the operator handed in is bad) and a :class:`torch.linalg.LinAlgError` — the
+    error torch's factorisations raise on such input — so code that catches either keeps working.
+    :func:`curvlab.spectrum.trace`, :func:`~curvlab.spectrum.diag`, :func:`~curvlab.spectrum.density`
+    and :func:`~curvlab.spectrum.summary` raise it too.
+    """
+
+
+def _finite(Y: Tensor, what: str) -> Tensor:
+    """``Y`` (products with ``A``), checked to be finite.
+
+    Raises:
+        NonFiniteError: it holds nan or inf.
+    """
+    if not bool(torch.isfinite(Y).all()):
+        raise NonFiniteError(
+            f"{what}: the products with A are not finite (nan or inf); A is not finite at this point "
+            "(check the loss / model / matrix for nan or inf)"
+        )
+    return Y
 
 
 def _check_rank(k: Any, limit: int, shape: tuple[int, int]) -> int:
-    k = _check_int(k, "k", 1)
+    k = check_int(k, "k", 1)
     if k > limit:
         raise ValueError(f"k must be at most {limit} for A of shape {shape}, got {k}")
     return k
@@ -62,15 +79,17 @@ def _orth(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def _range(op: LinearOperator, ell: int, n_power: int, generator: torch.Generator | None) -> Tensor:
+def _range(
+    op: LinearOperator, ell: int, n_power: int, generator: torch.Generator | None, what: str = "randomized"
+) -> Tensor:
     """Halko et al. Algorithm 4.4 with an ``ell``-column Gaussian sketch (the same on every rank if data-parallel)."""
     if op.distributed:
         generator = _dist.synced_generator(generator, op.device)
     Omega = torch.randn(op.shape[1], ell, generator=generator, dtype=op.dtype, device=op.device)
-    Q = _orth(op.matmat(Omega))
+    Q = _orth(_finite(op.matmat(Omega), what))
     for _ in range(n_power):
-        Q = _orth(op.rmatmat(Q))
-        Q = _orth(op.matmat(Q))
+        Q = _orth(_finite(op.rmatmat(Q), what))
+        Q = _orth(_finite(op.matmat(Q), what))
     return Q
 
 
@@ -109,6 +128,7 @@ def randomized_range_finder(
     Raises:
         ValueError: ``k`` out of range, ``n_oversample < 0``, ``n_power < 0``,
             a callable without ``n``.
+        NonFiniteError: the products with ``A`` are not finite (a ``ValueError``).
 
     Example:
         >>> A = torch.randn(30, 4, dtype=torch.float64) @ torch.randn(4, 20, dtype=torch.float64)
@@ -118,9 +138,9 @@ def randomized_range_finder(
     """
     op = _general_operator(A, n, generator)
     k = _check_rank(k, min(op.shape), op.shape)
-    p = _check_int(n_oversample, "n_oversample", 0)
-    q = _check_int(n_power, "n_power", 0)
-    return _range(op, min(k + p, *op.shape), q, generator)
+    p = check_int(n_oversample, "n_oversample", 0)
+    q = check_int(n_power, "n_power", 0)
+    return _range(op, min(k + p, *op.shape), q, generator, "randomized_range_finder")
 
 
 def randomized_svd(
@@ -154,7 +174,7 @@ def randomized_svd(
         descending, ``Vh`` ``(k, n)`` orthonormal rows.
 
     Raises:
-        ValueError: as :func:`randomized_range_finder`.
+        ValueError: as :func:`randomized_range_finder` (non-finite products: :class:`NonFiniteError`).
         NotImplementedError: ``A`` has no transposed product.
 
     Example:
@@ -165,10 +185,10 @@ def randomized_svd(
     """
     op = _general_operator(A, n, generator)
     k = _check_rank(k, min(op.shape), op.shape)
-    p = _check_int(n_oversample, "n_oversample", 0)
-    q = _check_int(n_power, "n_power", 0)
-    Q = _range(op, min(k + p, *op.shape), q, generator)
-    B = op.rmatmat(Q).T  # (ell, n) = Qᵀ A
+    p = check_int(n_oversample, "n_oversample", 0)
+    q = check_int(n_power, "n_power", 0)
+    Q = _range(op, min(k + p, *op.shape), q, generator, "randomized_svd")
+    B = _finite(op.rmatmat(Q), "randomized_svd").T  # (ell, n) = Qᵀ A
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     return Q @ Ub[:, :k], S[:k], Vh[:k]
 
@@ -213,7 +233,8 @@ def randomized_eigh(
 
     Raises:
         ValueError: ``A`` a LinearOperator not tagged symmetric, ``k`` out of
-            range, unknown ``which``, negative ``n_oversample`` / ``n_power``.
+            range, unknown ``which``, negative ``n_oversample`` / ``n_power``; non-finite
+            products (:class:`NonFiniteError`).
 
     Example:
         >>> A = torch.diag(torch.tensor([5.0, -4.0, 1e-3, 0.0, 0.0], dtype=torch.float64))
@@ -228,18 +249,19 @@ def randomized_eigh(
     op = _symmetric_operator(A, n_call, dtype, device, "randomized_eigh")
     size = op.shape[0]
     k = _check_rank(k, size, op.shape)
-    p = _check_int(n_oversample, "n_oversample", 0)
-    q = _check_int(n_power, "n_power", 0)
+    p = check_int(n_oversample, "n_oversample", 0)
+    q = check_int(n_power, "n_power", 0)
     ell = min(k + p, size)
 
+    what = "randomized_eigh"
     if which == "LM" or (which == "LA" and op.is_psd):
-        Q = _range(op, ell, q, generator)
+        Q = _range(op, ell, q, generator, what)
     else:
-        Q_lm = _range(op, ell, q, generator)
+        Q_lm = _range(op, ell, q, generator, what)
         w0, _ = _rayleigh_ritz(op, Q_lm)
         c = w0.abs().max()
         shifted = op.damped(c) if which == "LA" else (-op).damped(c)
-        Q = _orth(torch.cat([Q_lm, _range(shifted, ell, q, generator)], dim=1))
+        Q = _orth(torch.cat([Q_lm, _range(shifted, ell, q, generator, what)], dim=1))
     w, U = _rayleigh_ritz(op, Q)
     if which == "LM":
         order = torch.argsort(w.abs(), descending=True)[:k]
@@ -253,7 +275,7 @@ def randomized_eigh(
 
 def _rayleigh_ritz(op: LinearOperator, Q: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenpairs of ``Qᵀ A Q`` lifted by ``Q`` (ascending)."""
-    T = Q.T @ op.matmat(Q)
+    T = Q.T @ _finite(op.matmat(Q), "randomized_eigh")
     w, S = torch.linalg.eigh((T + T.T) / 2)
     return w, Q @ S
 
@@ -295,7 +317,7 @@ def nystrom(
     Raises:
         ValueError: ``A`` a LinearOperator not tagged symmetric, ``k`` out of
             range, negative ``n_oversample``, or ``A`` too far from PSD for
-            the shifted Cholesky factorisation.
+            the shifted Cholesky factorisation; non-finite products (:class:`NonFiniteError`).
 
     Example:
         >>> G = torch.randn(20, 3, dtype=torch.float64)
@@ -308,13 +330,13 @@ def nystrom(
     op = _symmetric_operator(A, n_call, dtype, device, "nystrom")
     size = op.shape[0]
     k = _check_rank(k, size, op.shape)
-    p = _check_int(n_oversample, "n_oversample", 0)
+    p = check_int(n_oversample, "n_oversample", 0)
     ell = min(k + p, size)
     eps = torch.finfo(op.dtype).eps
     if op.distributed:
         generator = _dist.synced_generator(generator, op.device)
     Omega = _orth(torch.randn(size, ell, generator=generator, dtype=op.dtype, device=op.device))
-    Y = op.matmat(Omega)
+    Y = _finite(op.matmat(Omega), "nystrom")
     nu = math.sqrt(size) * eps * torch.linalg.matrix_norm(Y)
     nu = torch.clamp(nu, min=torch.finfo(op.dtype).tiny)
     for _attempt in range(4):

@@ -254,9 +254,10 @@ def hessian(
       it — the cheapest when many products are taken at one point (Lanczos, CG);
       see ``benchmarks/RESULTS.md``.
     * ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``,
-      with ``vmap`` over columns for :meth:`~LinearOperator.matmat`; keeps no graph.
-      It re-evaluates the function in every product and is 3-11x slower than the default
-      on CPU (``benchmarks/RESULTS.md``); use it to save memory.
+      with ``vmap`` over columns for :meth:`~LinearOperator.matmat`; keeps no graph. It is
+      slower on CPU (``benchmarks/spectrum.py --sections modes``: 1.7-2.9x per product,
+      1.4-1.5x per 8-column block on two digits MLPs; up to 11x on other models): use it
+      only when the cached graph does not fit in memory. ``"auto"`` picks ``"reverse"``.
 
     Module state (:mod:`curvlab.params`): with a module (``params`` a module, the supervised
     form, or ``module=``) the module's buffers are a snapshot that no product writes to

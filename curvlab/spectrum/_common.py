@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvlab import distributed as _dist
+from curvlab.checks import check_int
 from curvlab.linops._base import DenseOperator, LinearOperator
 
 __all__: list[str] = []
@@ -45,37 +49,6 @@ def as_symmetric_operator(A: Any, what: str, name: str = "op") -> LinearOperator
     if not (A.dtype.is_floating_point and not A.dtype.is_complex):
         raise ValueError(f"{what} needs a real floating-point operator, got dtype {A.dtype}")
     return A
-
-
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """``value`` as an ``int >= minimum``.
-
-    Raises:
-        TypeError: not an integer.
-        ValueError: below ``minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
-    return int(value)
-
-
-def check_positive(value: Any, name: str) -> float:
-    """``value`` as a finite float ``> 0``.
-
-    Raises:
-        TypeError: not a real number.
-        ValueError: not finite or not positive.
-    """
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.ndim == 0)
-    ):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (0 < v < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    return v
 
 
 def make_generator(
@@ -155,18 +128,6 @@ def default_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (2.0 / 3.0)
 
 
-def matmat_blocks(A: LinearOperator, V: Tensor, block_size: int) -> Tensor:
-    """``A @ V`` in column blocks of at most ``block_size``.
-
-    Bounds the memory of batched products: a batched Hessian-vector product holds one
-    set of intermediates per column.
-    """
-    k = V.shape[1]
-    if k <= block_size:
-        return A.matmat(V)
-    return torch.cat([A.matmat(V[:, i : i + block_size]) for i in range(0, k, block_size)], dim=1)
-
-
 def check_block_size(block_size: Any, device: torch.device) -> int:
     """The columns per batched product: ``block_size``, or by default 8 on CPU and 32 on accelerators.
 
@@ -180,8 +141,12 @@ def check_block_size(block_size: Any, device: torch.device) -> int:
     return check_int(block_size, "block_size", 1)
 
 
-def exact_diagonal(A: LinearOperator, block_size: int) -> Tensor:
-    """``diag(A)`` from products with the unit vectors (``n`` products; for ``budget >= n``)."""
+def exact_diagonal(A: LinearOperator, block_size: int, mon: Monitor | None = None, what: str = "diag") -> Tensor:
+    """``diag(A)`` from products with the unit vectors (``n`` products; for ``budget >= n``).
+
+    Raises:
+        ValueError: a block of products is not finite.
+    """
     n = A.shape[0]
     bs = block_size
     out = torch.empty(n, dtype=A.dtype, device=A.device)
@@ -189,7 +154,13 @@ def exact_diagonal(A: LinearOperator, block_size: int) -> Tensor:
         j = min(n, i + bs)
         E = torch.zeros(n, j - i, dtype=A.dtype, device=A.device)
         E[torch.arange(i, j, device=A.device), torch.arange(j - i, device=A.device)] = 1.0
-        out[i:j] = torch.diagonal(A.matmat(E)[i:j])
+        Y = A.matmat(E)
+        check_finite(Y, what, f"products {i + 1}-{j} with unit vectors")
+        out[i:j] = torch.diagonal(Y[i:j])
+        if mon is not None:
+            mon.update(phase="exact")
+            if mon.callback is not None:
+                mon.stop({"phase": "exact", "columns_done": j, "columns": n})  # the exact diagonal cannot stop early
     return out
 
 
@@ -208,3 +179,202 @@ def leave_one_out_basis(R: Tensor) -> Tensor | None:
     eye = torch.eye(s, dtype=R.dtype, device=R.device)
     Rinv_t = torch.linalg.solve_triangular(R.T, eye, upper=False)
     return Rinv_t / torch.linalg.vector_norm(Rinv_t, dim=0)
+
+
+# --------------------------------------------------------------------------- progress and callbacks
+Callback = Callable[[dict[str, Any]], Any]
+
+
+class Monitor:
+    """Progress bar and user callback of one spectrum routine (or of a :func:`summary` spanning several).
+
+    The bar (tqdm, on the main process of a data-parallel run only) counts the products
+    with ``A`` as they happen. :meth:`stop` hands ``info`` to the user's callback and says
+    whether it asked to stop; in a data-parallel run the decision is shared (a stop on any
+    rank stops every rank), so the ranks stay in step through the collectives.
+    """
+
+    def __init__(self, A: LinearOperator, progress: Any, callback: Any, desc: str, total: int | None = None) -> None:
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (info dict -> bool), got {type(callback).__name__}")
+        self.A = A
+        self.callback = callback
+        self.start = A.n_matvecs
+        self._seen = A.n_matvecs
+        self.stage = desc
+        self.bar = None
+        if progress and _dist.is_main_process():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="matvec", leave=True)
+
+    @property
+    def n_matvecs(self) -> int:
+        """Products taken since the monitor started."""
+        return self.A.n_matvecs - self.start
+
+    def set_stage(self, stage: str, total: int | None = None) -> None:
+        """Name the running stage in the bar (for :func:`summary`)."""
+        self.stage = stage
+        if self.bar is not None:
+            self.bar.set_description(stage)
+            if total is not None:
+                self.bar.total = self.n_matvecs + total
+                self.bar.refresh()
+
+    def update(self, **postfix: Any) -> None:
+        """Advance the bar to the current product count, showing ``postfix``."""
+        if self.bar is None:
+            return
+        now = self.A.n_matvecs
+        if now > self._seen:
+            self.bar.update(now - self._seen)
+            self._seen = now
+        if postfix:
+            self.bar.set_postfix(
+                {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False
+            )
+
+    def stop(self, info: dict[str, Any]) -> bool:
+        """Call the callback with ``info`` (plus ``stage`` and ``n_matvecs``); ``True`` when it asks to stop."""
+        if self.callback is None:
+            return False
+        info = {"stage": self.stage, "n_matvecs": self.n_matvecs, **info}
+        want = bool(self.callback(info))
+        if self.A.distributed:
+            want = float(_dist.all_reduce_sum(float(want))) > 0
+        return want
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.update()
+            self.bar.close()
+            self.bar = None
+
+
+# --------------------------------------------------------------------------- numerics
+def nonfinite_error(what: str, where: str) -> ValueError:
+    """The error the estimators raise when the operator's products are not finite (a ``ValueError``)."""
+    from curvlab.linalg.randomized import NonFiniteError
+
+    return NonFiniteError(
+        f"{what}: the operator op returned non-finite values (nan or inf) in {where}; the curvature is not "
+        "finite at this point (check the loss and the parameters for nan/inf, or a loss that overflows)"
+    )
+
+
+def check_finite(t: Tensor, what: str, where: str) -> None:
+    """Raise :func:`nonfinite_error` unless ``t`` is finite (one host synchronisation)."""
+    if not bool(torch.isfinite(t).all()):
+        raise nonfinite_error(what, where)
+
+
+def pow2_scale(w: Tensor) -> float:
+    r"""A power of two :math:`s \approx \max_i |w_i|` (``1`` for a zero or non-finite ``w``).
+
+    Dividing by a power of two is exact, so Lanczos on :math:`A/s` gives the same digits as on
+    :math:`A` in the normal floating-point range — and stays accurate far outside it, where the
+    squares inside vector norms would underflow or overflow (an operator scaled by
+    :math:`10^{-170}` in float64 or :math:`10^{-25}` in float32).
+    """
+    m = float(w.abs().max()) if w.numel() else 0.0
+    if not (m > 0.0 and math.isfinite(m)):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(m)[1] - 1)
+
+
+def zero_threshold(anorm: float, n: int, dtype: torch.dtype) -> float:
+    r"""Eigenvalues below :math:`\sqrt n\,\varepsilon\,\|A\|` in magnitude are zero to the operator's rounding.
+
+    A product :math:`Av` sums :math:`n` terms; its rounding error is :math:`\gamma\,\|A\|\,\|v\|` with
+    :math:`\gamma` of order :math:`\sqrt n\,\varepsilon` for rounding errors that behave like
+    independent random variables (Higham & Mary 2019, "A new approach to probabilistic rounding
+    error analysis", SIAM J. Sci. Comput. 41(5), Thm. 3.1) — the worst case is :math:`n\varepsilon`
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, 2002, §3.1). An eigenvalue of that
+    size cannot be told apart from zero by products in this dtype: in float32 a singular GGN's
+    smallest computed eigenvalue is :math:`\sim 10^{-7}\|A\|`, not zero.
+    """
+    return math.sqrt(max(n, 1)) * float(torch.finfo(dtype).eps) * float(anorm)
+
+
+def find_spec(A: LinearOperator) -> Any:
+    """The :class:`~curvlab.params.ParamSpec` behind ``A`` (``None`` for an operator not over parameters)."""
+    from curvlab.linops.restrict import find_spec as _find
+
+    return _find(A)
+
+
+def param_layout(A: LinearOperator) -> Any:
+    """A light :class:`~curvlab.params.ParamSpec` (shapes and names on the ``meta`` device) of ``A``'s parameters.
+
+    It turns flat vectors of ``A``'s size into the parameters' structure (a dict ``{name: tensor}``
+    for an ``nn.Module`` or a dict, a tuple / list, a tensor) without holding the parameters or
+    the module (results that carry it pickle small). ``None`` for an operator not over parameters.
+    """
+    spec = find_spec(A)
+    if spec is None or spec.size != A.shape[0]:
+        return None
+    return layout_of(spec)
+
+
+def layout_of(spec: Any) -> Any:
+    """The light (``meta``-device) :class:`~curvlab.params.ParamSpec` of ``spec`` (see :func:`param_layout`)."""
+    from curvlab.params import ParamSpec
+
+    metas = [torch.empty(s, dtype=spec.dtype, device="meta") for s in spec.shapes]
+    if spec.kind == "tensor":
+        return ParamSpec(metas[0])
+    if spec.kind in ("tuple", "list"):
+        return ParamSpec(tuple(metas) if spec.kind == "tuple" else list(metas))
+    return ParamSpec(dict(zip(spec.keys, metas)))
+
+
+def unflatten_columns(layout: Any, V: Tensor, i: int | None, what: str) -> Any:
+    """Column ``i`` of ``V`` (all columns, as a list, for ``i=None``) in the structure of ``layout``.
+
+    Raises:
+        ValueError: no layout (the operator was not built over parameters), ``i`` out of range.
+    """
+    if layout is None:
+        raise ValueError(
+            f"{what}: the operator carries no parameter structure (a dense matrix or a matvec callable); "
+            "the flat columns are all there is"
+        )
+    k = V.shape[1]
+    if i is None:
+        return [layout.unflatten(V[:, j].contiguous()) for j in range(k)]
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -k <= int(i) < k:
+        raise ValueError(f"i must be an int in [{-k}, {k}), got {i!r}")
+    return layout.unflatten(V[:, int(i)].contiguous())
+
+
+def products(
+    A: LinearOperator, V: Tensor, block_size: int, mon: Monitor, what: str, phase: str, can_stop: bool = True
+) -> tuple[Tensor, bool]:
+    """``A @ V`` in column blocks, each checked to be finite, asking the callback after each block.
+
+    Returns:
+        ``(A @ V[:, :j], stopped)``: the first ``j`` columns, ``j = k`` unless the callback asked to
+        stop (only with ``can_stop``) after an earlier block; ``stopped`` also when it asked after
+        the last block (the caller then skips its later phases).
+
+    Raises:
+        ValueError: a block of products is not finite.
+    """
+    k = V.shape[1]
+    out: list[Tensor] = []
+    done = 0
+    for i in range(0, k, block_size):
+        Y = A.matmat(V[:, i : i + block_size])
+        done = i + Y.shape[1]
+        check_finite(Y, what, f"products {i + 1}-{done} of the {phase} phase")
+        out.append(Y)
+        mon.update(phase=phase)
+        if mon.callback is not None:
+            if mon.stop({"phase": phase, "columns_done": done, "columns": k}) and can_stop:
+                return torch.cat(out, dim=1), True
+    if not out:
+        return V.new_zeros(A.shape[0], 0), False
+    return torch.cat(out, dim=1), False

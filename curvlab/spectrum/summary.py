@@ -30,10 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import as_symmetric_operator, check_int, check_positive, make_generator
-from .density import Density, density
-from .eigsh import EigshResult, eigsh
-from .trace import TraceResult, trace
+from curvlab.checks import check_int, check_positive
+from curvlab.status import Status
+
+from ._common import Callback, Monitor, as_symmetric_operator, make_generator, nonfinite_error, zero_threshold
+from .density import Density, _density
+from .eigsh import EigshResult, _eigsh
+from .trace import TraceResult, _trace
 
 __all__ = ["SpectrumSummary", "summary", "split_outliers"]
 
@@ -101,14 +104,24 @@ class SpectrumSummary:
         negative_mass_std_error: the sampling standard error over SLQ probes (``nan`` with one probe).
         negative_spectral_mass: :math:`\sum_{\lambda<0}|\lambda| / \sum|\lambda|` (SLQ), robust to
             that resolution limit.
-        negative_ratio: :math:`|\min(\lambda_{\min}, 0)| / \lambda_{\max}` (Ghorbani et al. 2019).
+        negative_ratio: :math:`|\min(\lambda_{\min}, 0)| / \lambda_{\max}` (Ghorbani et al. 2019);
+            0 when :math:`\lambda_{\min}` is zero to rounding (see :attr:`zero_tol`).
         condition: :math:`\lambda_{\max}/\lambda_{\min}` when :math:`\lambda_{\min}` is positive
-            beyond its error bound (the Lanczos residual), else ``inf``.
+            beyond its error bound (the Lanczos residual) and beyond :attr:`zero_tol`, else
+            ``inf`` (a singular operator).
+        zero_tol: eigenvalues this small in magnitude count as zero: :math:`\sqrt n\,\varepsilon\,
+            \|A\|` of the operator's dtype (the rounding level of a product, see
+            :func:`summary`), or the ``zero_tol`` passed.
         n_outliers: number of outliers above the bulk (:func:`split_outliers`).
         outliers: ``(n_outliers,)`` their values.
         bulk_edge: the largest eigenvalue attributed to the bulk (``nan`` if unknown).
-        density: the SLQ :class:`~curvlab.spectrum.Density`.
+        density: the SLQ :class:`~curvlab.spectrum.Density` (``None`` when the callback stopped
+            the run before it).
         converged: both eigenvalue runs met their tolerance.
+        status: a :class:`~curvlab.Status`: ``"converged"`` (both eigenvalue runs met their
+            tolerance, the estimators spent their budgets), ``"max_iter"`` (an eigenvalue run
+            did not converge) or ``"callback"`` (the callback stopped the run: the stages not
+            reached are NaN).
         n_matvecs: products with the operator used in total.
         n: size of the operator.
     """
@@ -126,11 +139,13 @@ class SpectrumSummary:
     n_outliers: int
     outliers: Tensor
     bulk_edge: float
-    density: Density = field(repr=False)
+    density: Density | None = field(repr=False)
     converged: bool
     n_matvecs: int
     n: int
     details: dict = field(default_factory=dict, repr=False)
+    status: Status = Status.CONVERGED
+    zero_tol: float = 0.0
 
     def __str__(self) -> str:
         t, se = float(self.trace.estimate), float(self.trace.std_error)
@@ -152,7 +167,8 @@ class SpectrumSummary:
             ("condition (PSD only)", f"{self.condition:.3g}"),
             ("outliers", f"{self.n_outliers}" + (f": {outl}" if outl else "")),
             ("bulk edge", f"{self.bulk_edge:.4g}"),
-            ("converged", f"{self.converged}"),
+            ("zero below", f"{self.zero_tol:.2g} (rounding level)"),
+            ("status", f"{self.status.value}"),
             ("matvecs", f"{self.n_matvecs}"),
         ]
         w = max(len(r[0]) for r in rows)
@@ -170,10 +186,20 @@ def summary(
     n_lanczos: int = 90,
     tol: float = 1e-6,
     maxiter: int = 200,
+    zero_tol: float | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
 ) -> SpectrumSummary:
     r"""Top and bottom eigenvalues, trace, negative mass and outliers-versus-bulk of a symmetric operator.
+
+    Eigenvalues at the rounding level of the operator's products count as zero: with
+    :math:`\|A\|` estimated by the largest absolute eigenvalue, anything within
+    :math:`\sqrt n\,\varepsilon\,\|A\|` of zero (``eps`` of the operator's dtype; see
+    ``zero_tol``) cannot be told apart from zero by products in that dtype. A float32 GGN
+    with a null space then reports ``condition = inf`` (not :math:`\sim 1/\varepsilon`) and
+    no negative mass from rounding noise.
 
     Args:
         op: a symmetric :class:`~curvlab.linops.LinearOperator` (Hessian, GGN, ...) or dense tensor.
@@ -188,13 +214,22 @@ def summary(
             accurate to about :math:`10^{-12}\|A\|^2/\text{gap}` — and keeps the cost bounded
             when an end of the spectrum is a tight cluster (the null space of a GGN or
             Fisher); ``converged`` reports whether both runs met it.
+        zero_tol: eigenvalues with :math:`|\lambda|` at most this count as zero (default
+            :math:`\sqrt n\,\varepsilon\,\|A\|`, the probabilistic rounding-error bound of a
+            length-:math:`n` inner product: Higham & Mary 2019, Thm. 3.1).
         generator, seed: for reproducibility (one stream drives every estimator).
+        progress: one tqdm bar over all the products, named by stage (main process only).
+        callback: ``callback(info) -> bool``, handed the ``info`` of every stage
+            (:func:`eigsh`, :func:`trace`, :func:`density`) with ``info["stage"]`` naming it.
+            Returning ``True`` stops: the running stage ends early as documented there, the
+            stages after it are skipped (their fields NaN) and ``status="callback"``.
 
     Returns:
         A :class:`SpectrumSummary`.
 
     Raises:
-        ValueError: ``op`` not symmetric, invalid counts.
+        ValueError: ``op`` not symmetric, invalid counts, an operator whose products are not
+            finite (nan / inf).
     """
     A = as_symmetric_operator(op, "summary")
     n = A.shape[0]
@@ -203,25 +238,84 @@ def summary(
     if k_top is None:
         k_top = 20 if n_classes is None else max(20, 2 * check_int(n_classes, "n_classes", 1) + 2)
     k_top = min(check_int(k_top, "k_top", 1), n - 1)
+    if zero_tol is not None:
+        zero_tol = check_positive(zero_tol, "zero_tol", allow_zero=True)
     gen = make_generator(generator, seed, A.device, distributed=A.distributed)
-    start = A.n_matvecs
+    mon = Monitor(A, progress, callback, "summary: top eigenvalues")
+    try:
+        return _summary(A, k_top, trace_method, trace_budget, n_probes, n_lanczos, tol, maxiter, zero_tol, gen, mon)
+    finally:
+        mon.close()
 
-    top: EigshResult = eigsh(A, k_top, which="LA", tol=tol, maxiter=maxiter, generator=gen)
-    bottom: EigshResult = eigsh(A, 1, which="SA", tol=tol, maxiter=maxiter, generator=gen)
-    tr = trace(A, trace_method, trace_budget, generator=gen)
-    dens = density(A, n_probes, n_lanczos, generator=gen)
+
+def _checked(res: EigshResult) -> EigshResult:
+    if res.status is Status.NAN:
+        raise nonfinite_error("summary", f"eigsh (which={res.which!r}): {res.message}")
+    return res
+
+
+def _summary(
+    A: Any,
+    k_top: int,
+    trace_method: str,
+    trace_budget: int,
+    n_probes: int,
+    n_lanczos: int,
+    tol: float,
+    maxiter: int,
+    zero_tol: float | None,
+    gen: torch.Generator | None,
+    mon: Monitor,
+) -> SpectrumSummary:
+    n = A.shape[0]
+    start = A.n_matvecs
+    nan = float("nan")
+    top = _checked(_eigsh(A, k_top, "LA", tol, maxiter, None, None, gen, None, False, mon))
+    stopped = top.status is Status.CALLBACK
+    bottom = tr = dens = None
+    if not stopped:
+        mon.set_stage("summary: smallest eigenvalue")
+        bottom = _checked(_eigsh(A, 1, "SA", tol, maxiter, None, None, gen, None, False, mon))
+        stopped = bottom.status is Status.CALLBACK
+    if not stopped:
+        mon.set_stage("summary: trace")
+        tr = _trace(A, trace_method, trace_budget, gen, None, None, mon)
+        stopped = tr.status is Status.CALLBACK
+    if not stopped:
+        mon.set_stage("summary: density", total=n_probes * min(n_lanczos, n))
+        dens = _density(A, n_probes, n_lanczos, None, None, None, gen, None, mon)
+        stopped = dens.status is Status.CALLBACK
+    if tr is None:
+        z = torch.tensor(nan, dtype=A.dtype, device=A.device)
+        tr = TraceResult(z, z.clone(), 0, trace_method, None, Status.CALLBACK)
 
     vals = top.eigenvalues
     lmax = float(vals[0])
-    lmin = float(bottom.eigenvalues[0])
-    lmin_err = float(bottom.residual_norms[0])  # |lmin - nearest eigenvalue| <= residual
+    lmin = float(bottom.eigenvalues[0]) if bottom is not None else nan
+    lmin_err = float(bottom.residual_norms[0]) if bottom is not None else nan  # |lmin - eigenvalue| <= residual
+    anorm = max(abs(lmax), abs(lmin)) if bottom is not None else abs(lmax)
+    ztol = zero_threshold(anorm, n, A.dtype) if zero_tol is None else zero_tol
     n_out = split_outliers(vals) if vals.numel() >= 4 else 0
-    bulk_edge = float(vals[n_out]) if n_out < vals.numel() else float("nan")
-    if A.is_psd or (bottom.converged and lmin - lmin_err > 0):  # no negative eigenvalues
+    bulk_edge = float(vals[n_out]) if n_out < vals.numel() else nan
+    margin = max(lmin_err, ztol) if bottom is not None else nan
+    no_negative = A.is_psd or (bottom is not None and bottom.converged and lmin + margin >= 0)
+    if no_negative:  # no negative eigenvalue beyond rounding
         neg, neg_bounds, neg_se, neg_spec = 0.0, (0.0, 0.0), 0.0, 0.0
+    elif dens is None:
+        neg, neg_bounds, neg_se, neg_spec = nan, (nan, nan), nan, nan
     else:
-        neg, neg_bounds = dens.negative_mass(), dens.negative_mass_bounds()
-        neg_se, neg_spec = dens.negative_mass_std_error(), dens.negative_spectral_mass()
+        neg, neg_bounds = dens.negative_mass(ztol), dens.negative_mass_bounds(ztol)
+        neg_se, neg_spec = dens.negative_mass_std_error(ztol), dens.negative_spectral_mass()
+    if bottom is None:
+        condition = neg_ratio = nan
+    else:
+        condition = lmax / lmin if lmin - margin > 0 else float("inf")
+        neg_ratio = (abs(min(lmin, 0.0)) if lmin < -margin else 0.0) / lmax if lmax > 0 else nan
+    converged = bool(top.converged and bottom is not None and bottom.converged)
+    if stopped:
+        status = Status.CALLBACK
+    else:
+        status = Status.CONVERGED if converged else Status.MAX_ITER
     return SpectrumSummary(
         top_eigenvalues=vals,
         top_eigenvalue=lmax,
@@ -231,14 +325,16 @@ def summary(
         negative_mass_bounds=neg_bounds,
         negative_mass_std_error=neg_se,
         negative_spectral_mass=neg_spec,
-        negative_ratio=abs(min(lmin, 0.0)) / lmax if lmax > 0 else float("nan"),
-        condition=lmax / lmin if lmin - lmin_err > 0 else float("inf"),
+        negative_ratio=neg_ratio,
+        condition=condition,
         n_outliers=n_out,
         outliers=vals[:n_out],
         bulk_edge=bulk_edge,
         density=dens,
-        converged=bool(top.converged and bottom.converged),
+        converged=converged,
         n_matvecs=A.n_matvecs - start,
         n=n,
         details={"top": top, "bottom": bottom},
+        status=status,
+        zero_tol=ztol,
     )

@@ -41,11 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.status import Status
+
 from ._common import (
+    Callback,
+    Monitor,
+    as_symmetric_operator,
     estimator_setup,
     exact_diagonal,
     leave_one_out_basis,
-    matmat_blocks,
+    products,
     rademacher,
 )
 
@@ -68,6 +73,9 @@ class TraceResult:
             the budget sufficed for the exact trace.
         samples: the independent (Hutchinson, Hutch++) or exchangeable (XTrace)
             per-probe estimates the standard error comes from; ``None`` when exact.
+        status: a :class:`~curvlab.Status`: ``"converged"`` (the budget was spent as
+            documented) or ``"callback"`` (the callback stopped it early: the estimate of
+            ``method`` from the products taken).
     """
 
     estimate: Tensor
@@ -75,6 +83,7 @@ class TraceResult:
     n_matvecs: int
     method: str
     samples: Tensor | None = field(default=None, repr=False)
+    status: Status = Status.CONVERGED
 
     def __float__(self) -> float:
         return float(self.estimate)
@@ -86,7 +95,15 @@ class TraceResult:
 
 
 def _std_error(samples: Tensor) -> Tensor:
+    if samples.shape[-1] < 2:
+        return torch.full_like(samples.sum(-1), float("nan"))
     return samples.std(dim=-1, correction=1) / math.sqrt(samples.shape[-1])
+
+
+def _as_hutchinson(Z: Tensor, AZ: Tensor) -> tuple[Tensor, Tensor, str, Tensor]:
+    """The Hutchinson estimate of the Rademacher probes ``Z[:, :j]`` whose products ``AZ`` were taken."""
+    samples = (Z[:, : AZ.shape[1]] * AZ).sum(0)
+    return samples.mean(), _std_error(samples), "hutchinson", samples
 
 
 def trace(
@@ -97,6 +114,8 @@ def trace(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     block_size: int | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
 ) -> TraceResult:
     r"""Estimate :math:`\operatorname{tr}(A)` of a symmetric operator from ``budget`` products.
 
@@ -117,15 +136,22 @@ def trace(
         block_size: products are taken ``block_size`` columns at a time (default: 8 on
             CPU, 32 on accelerators, where batched Hessian-vector products pay off; each
             column holds its own intermediates).
+        progress: show a tqdm bar of the products (on the main process of a data-parallel run).
+        callback: ``callback(info) -> bool`` after every block of products, with
+            ``info = {"phase": ..., "columns_done": ..., "columns": ..., "n_matvecs": ...}``.
+            Returning ``True`` stops early (``status="callback"``) with the estimate the
+            products so far allow: the Hutchinson estimate of the Rademacher probes done (the
+            sketch probes of Hutch++ and XTrace are Rademacher too), or Hutch++ with fewer
+            deflated probes. The exact computation (``budget >= n``) does not stop early.
 
     Returns:
-        A :class:`TraceResult` (``.estimate``, ``.std_error``, ``.n_matvecs``;
+        A :class:`TraceResult` (``.estimate``, ``.std_error``, ``.n_matvecs``, ``.status``;
         ``float(result)`` gives the estimate).
 
     Raises:
-        ValueError: ``op`` not symmetric, an unknown ``method``, ``budget`` too small,
-            ``generator`` on another device.
-        TypeError: ``budget`` not an int.
+        ValueError: ``op`` not symmetric, an unknown ``method``, ``budget`` too small or not an
+            int, ``generator`` on another device, an operator whose products are not finite.
+        TypeError: a non-bool ``progress``, a non-callable ``callback``.
 
     Example:
         >>> A = torch.diag(torch.linspace(0.0, 1.0, 500, dtype=torch.float64))
@@ -133,41 +159,73 @@ def trace(
         >>> abs(float(res) - 250.0) < 4 * float(res.std_error) + 1e-9
         True
     """
+    A = as_symmetric_operator(op, "trace")
+    mon = Monitor(A, progress, callback, "trace")
+    try:
+        return _trace(A, method, budget, generator, seed, block_size, mon)
+    finally:
+        mon.close()
+
+
+def _trace(
+    op: Any,
+    method: str,
+    budget: int,
+    generator: torch.Generator | None,
+    seed: int | None,
+    block_size: int | None,
+    mon: Monitor,
+) -> TraceResult:
+    """:func:`trace` on a validated operator, reporting to ``mon`` (shared with :func:`summary`)."""
     A, budget, bs, gen = estimator_setup(
         op, "trace", method, _METHODS, budget, _MIN_BUDGET, block_size, generator, seed
     )
     n, dtype, device = A.shape[0], A.dtype, A.device
     start = A.n_matvecs
     zero = torch.zeros((), dtype=dtype, device=device)
+    mon.set_stage(mon.stage, total=min(budget, n))
 
-    def done(est: Tensor, se: Tensor, name: str, samples: Tensor | None) -> TraceResult:
-        return TraceResult(est, se, A.n_matvecs - start, name, samples)
+    def done(est: Tensor, se: Tensor, name: str, samples: Tensor | None, stopped: bool = False) -> TraceResult:
+        status = Status.CALLBACK if stopped else Status.CONVERGED
+        return TraceResult(est, se, A.n_matvecs - start, name, samples, status)
 
     if budget >= n:
-        return done(exact_diagonal(A, bs).sum(), zero, "exact", None)
+        return done(exact_diagonal(A, bs, mon, "trace").sum(), zero, "exact", None)
 
     if method == "hutchinson":
         Z = rademacher(n, budget, dtype, device, gen)
-        samples = (Z * matmat_blocks(A, Z, bs)).sum(0)
-        return done(samples.mean(), _std_error(samples), method, samples)
+        AZ, stopped = products(A, Z, bs, mon, "trace", "hutchinson")
+        return done(*_as_hutchinson(Z, AZ), stopped and AZ.shape[1] < budget)
 
     if method == "hutch++":
         s = budget // 3
         g = budget - 2 * s
         S = rademacher(n, s, dtype, device, gen)
-        Q, _ = torch.linalg.qr(matmat_blocks(A, S, bs))
-        t_low = (Q * matmat_blocks(A, Q, bs)).sum()
+        AS, stopped = products(A, S, bs, mon, "trace", "sketch")
+        if stopped:
+            return done(*_as_hutchinson(S, AS), True)
+        Q, _ = torch.linalg.qr(AS)
+        AQ, stopped = products(A, Q, bs, mon, "trace", "low-rank part")
+        if stopped:
+            return done(*_as_hutchinson(S, AS), True)
+        t_low = (Q * AQ).sum()
         G = rademacher(n, g, dtype, device, gen)
         G = G - Q @ (Q.T @ G)
-        samples = (G * matmat_blocks(A, G, bs)).sum(0)
-        return done(t_low + samples.mean(), _std_error(samples), method, samples)
+        AG, stopped = products(A, G, bs, mon, "trace", "deflated Hutchinson")
+        samples = (G[:, : AG.shape[1]] * AG).sum(0)
+        stopped = stopped and AG.shape[1] < g
+        return done(t_low + samples.mean(), _std_error(samples), method, samples, stopped)
 
     # XTrace (Epperly, Tropp & Webber 2024, Algorithm 2 specialised to symmetric A)
     s = budget // 2
     Om = rademacher(n, s, dtype, device, gen)
-    Y = matmat_blocks(A, Om, bs)
+    Y, stopped = products(A, Om, bs, mon, "trace", "sketch")
+    if stopped:
+        return done(*_as_hutchinson(Om, Y), True)
     Q, R = torch.linalg.qr(Y)
-    Z = matmat_blocks(A, Q, bs)
+    Z, stopped = products(A, Q, bs, mon, "trace", "low-rank part")
+    if stopped and Z.shape[1] < Q.shape[1]:  # XTrace's last phase: a stop after it changes nothing
+        return done(*_as_hutchinson(Om, Y), True)
     Hq = Q.T @ Z
     Hq = 0.5 * (Hq + Hq.T)
     S = leave_one_out_basis(R)

@@ -251,7 +251,7 @@ def test_trace_diag_bad_input():
         spectrum.trace(A, "hutch--")
     with pytest.raises(ValueError, match="budget"):
         spectrum.trace(A, "hutch++", budget=1)
-    with pytest.raises(TypeError, match="budget"):
+    with pytest.raises(ValueError, match="budget must be an integer"):
         spectrum.diag(A, budget=2.5)
 
 

@@ -137,22 +137,102 @@ def test_sigma_grid_and_small_operator():
     assert d3.integral() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_plot_and_save(tmp_path):
+@pytest.fixture(scope="module")
+def outlier_density():
+    A, eig = _bulk_plus_outliers(400)
+    return density(A, n_probes=2, n_lanczos=60, seed=0), eig
+
+
+def test_log_plot_shows_whole_peaks_above_a_sensible_floor(outlier_density):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    d, eig = outlier_density
+    ax = Figure().add_subplot(1, 1, 1)
+    d.plot(ax=ax)
+    lo, hi = ax.get_ylim()
+    top = float(d.values.max())
+    assert ax.get_yscale() == "log"
+    assert hi >= 2.0 * top  # the tallest peak is inside the axis (the old plot cut it at the first autoscale)
+    assert max(float(np.nanmax(line.get_ydata())) for line in ax.lines) <= hi
+    one_eigenvalue = 1.0 / (d.n * d.sigma * math.sqrt(2 * math.pi))  # the peak of one isolated eigenvalue
+    assert lo == pytest.approx(d.floor()) and lo <= 0.1 * one_eigenvalue * 1.0001
+    assert lo >= 1e-12 * top and math.log10(hi / lo) <= 8.0  # not 12+ decades of Gaussian tails
+    # every outlier's peak reaches well above the floor
+    for ev in eig[-6:]:
+        assert float(d(float(ev))) > 3 * lo
+    # the eigenvalue axis covers the spectrum, and stops where the density vanishes below the floor
+    x0, x1 = ax.get_xlim()
+    assert x0 <= float(eig[0]) and x1 >= float(eig[-1]) and x1 <= float(d.grid[-1]) + 1e-12
+
+
+def test_outliers_found_and_marked(outlier_density):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    d, eig = outlier_density
+    found = d.outliers()
+    true = eig[-6:]
+    assert found.numel() == 6
+    torch.testing.assert_close(found, true, atol=3 * d.sigma, rtol=0)
+    ax = Figure().add_subplot(1, 1, 1)
+    d.plot(ax=ax, label="SLQ")
+    marks = [ln for ln in ax.lines if ln.get_label() == "outliers"]
+    assert len(marks) == 1
+    xs, ys = marks[0].get_xdata(), marks[0].get_ydata()
+    np.testing.assert_allclose(xs, found.numpy())
+    assert all(y > float(d(float(x))) for x, y in zip(xs, ys))  # above each peak
+    ax2 = Figure().add_subplot(1, 1, 1)
+    d.plot(ax=ax2, outliers=[10.0, 20.0])  # the user's eigenvalues (e.g. eigsh)
+    np.testing.assert_allclose([ln for ln in ax2.lines if ln.get_label() == "outliers"][0].get_xdata(), [10, 20])
+    ax3 = Figure().add_subplot(1, 1, 1)
+    d.plot(ax=ax3, outliers=None)
+    assert len(ax3.lines) == 1
+    with pytest.raises(ValueError, match="outliers must be"):
+        d.plot(ax=ax3, outliers="some")
+
+
+def test_linear_inset_of_the_bulk_and_linear_plot(outlier_density):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    d, eig = outlier_density
+    ax = Figure().add_subplot(1, 1, 1)
+    d.plot(ax=ax, inset=True)
+    assert len(ax.child_axes) == 1
+    sub = ax.child_axes[0]
+    assert sub.get_yscale() == "linear"
+    bulk = eig[:-6]
+    x0, x1 = sub.get_xlim()
+    assert x0 <= float(bulk.min()) and float(bulk.max()) <= x1 < float(eig[-6])  # the bulk, no outlier
+    bulk_max = float(d.values[(d.grid >= x0) & (d.grid <= x1)].max())
+    assert sub.get_ylim()[0] == 0.0 and bulk_max <= sub.get_ylim()[1] <= 1.1 * bulk_max
+    axl = Figure().add_subplot(1, 1, 1)
+    d.plot(ax=axl, log=False, show_nodes=True)
+    assert axl.get_yscale() == "linear" and axl.get_ylim()[0] == 0.0 and axl.get_ylim()[1] >= float(d.values.max())
+    assert axl.get_ylabel() == "density"
+    with pytest.raises(ValueError, match="inset must be"):
+        d.plot(ax=axl, inset=(0.1, 0.2))
+
+
+def test_save_with_labels_and_short_repr(outlier_density, tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    A, _ = _bulk_plus_outliers(200)
-    d = density(A, n_probes=2, n_lanczos=30, seed=0)
-    ax = d.plot()
-    assert ax.get_yscale() == "log" and len(ax.lines) == 1
-    fig, ax2 = plt.subplots()
-    assert d.plot(ax=ax2, log=False, show_nodes=True) is ax2 and ax2.get_yscale() == "linear"
+    d, _ = outlier_density
+    ax = d.plot(title="T", xlabel="λ", ylabel="φ", label="curve")
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("T", "λ", "φ")
     plt.close("all")
     path = tmp_path / "density.png"
-    d.save(str(path), title="test")
+    assert d.save(str(path), title="test", label="SLQ", inset=True, xlabel="eigenvalue of H") == str(path)
     with open(path, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    r = repr(d)
+    assert "tensor" not in r and len(r) < 250 and "n_probes=2" in r and "status='converged'" in r
 
 
 def test_matplotlib_missing_gives_clear_error(monkeypatch, tmp_path):
@@ -169,9 +249,9 @@ def test_matplotlib_missing_gives_clear_error(monkeypatch, tmp_path):
 
 def test_errors():
     A, _ = _bulk_plus_outliers(30)
-    with pytest.raises(ValueError, match="n_probes must be >= 1"):
+    with pytest.raises(ValueError, match="n_probes must be an integer >= 1"):
         density(A, n_probes=0)
-    with pytest.raises(ValueError, match="n_lanczos must be >= 1"):
+    with pytest.raises(ValueError, match="n_lanczos must be an integer >= 1"):
         density(A, n_lanczos=0)
     with pytest.raises(ValueError, match="sigma"):
         density(A, sigma=0.0)

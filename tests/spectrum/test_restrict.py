@@ -118,7 +118,12 @@ def test_matvec_counting_and_matmat(mlp):
     h0, r0 = H.n_matvecs, R.n_matvecs
     V = torch.randn(24, 3, dtype=torch.float64)
     torch.testing.assert_close(R @ V, Hd[:24, :24] @ V, atol=TOL, rtol=0)
-    assert R.n_matvecs - r0 == 3 and H.n_matvecs - h0 == 3
+    # the block operator takes the products: none with the full Hessian
+    assert R.block is not None and R.n_matvecs - r0 == 3 and H.n_matvecs == h0
+    E = restrict(H, "W1", block=False)  # embedding: one full product per block product
+    assert E.block is None
+    torch.testing.assert_close(E @ V, Hd[:24, :24] @ V, atol=TOL, rtol=0)
+    assert E.n_matvecs == 3 and H.n_matvecs - h0 == 3
 
 
 def test_non_symmetric_parent():

@@ -83,20 +83,37 @@ def test_summary_psd_condition_and_small():
         summary(torch.triu(torch.ones(5, 5, dtype=torch.float64)))
 
 
-@pytest.mark.slow
-def test_example_script_runs(tmp_path, monkeypatch):
-    """examples/hessian_spectrum.py end to end (trains the digits MLP, about 10 s)."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+def _example():
     import importlib.util
     import pathlib
-    import sys
 
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "hessian_spectrum.py"
     spec = importlib.util.spec_from_file_location("hessian_spectrum_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module, path
+
+
+def test_example_writes_beside_itself_from_any_directory(tmp_path, monkeypatch):
+    """Run from inside examples/ it used to look for 'examples/hessian_spectrum.png' and crash."""
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    module, path = _example()
+    out = module.parse_args([]).out
+    assert out == str(path.parent / "hessian_spectrum.png")
+
+
+@pytest.mark.slow
+def test_example_script_runs(tmp_path, monkeypatch):
+    """examples/hessian_spectrum.py end to end (trains the digits MLP, about 10 s)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import sys
+
+    module, _ = _example()
     out = tmp_path / "spectrum.png"
-    monkeypatch.setattr(sys, "argv", ["hessian_spectrum.py", "--out", str(out), "--epochs", "5"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["hessian_spectrum.py", "--out", str(out), "--epochs", "5", "--grid", "5"])
     module.main()
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("spectrum.png", "spectrum_layers.png", "spectrum_landscape.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
