@@ -488,6 +488,21 @@ class CurvatureBase:
         """Drop the cached graphs (they are rebuilt on the next product)."""
         self._cached = None
 
+    def _reset_point(self) -> None:
+        """Forget everything computed at the current point (graphs, value/gradient, determinism records).
+
+        For a copy of the operator rebuilt at other parameters (:func:`curvlab.linops.restrict`):
+        :func:`copy.copy` would otherwise share the mutable per-pass records with the original.
+        """
+        self._cached = None
+        self._reference = None
+        self._pass = []
+        self._pending = None
+        self._mismatch_msg = ""
+        for attr in ("_value", "_gradient"):
+            if hasattr(self, attr):
+                setattr(self, attr, None)
+
 
 def warn_train_mode_dropout(model: Any, what: str, stacklevel: int = 3) -> None:
     """Warn once per call site when an operator is built on a module in train mode with active dropout."""

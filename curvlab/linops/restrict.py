@@ -192,10 +192,7 @@ def _curvature_block(op: CurvatureBase, members: list[int]) -> LinearOperator:
     blk = copy.copy(op)
     blk.spec = spec
     blk.x = spec.flatten()
-    blk._cached = None
-    for attr in ("_value", "_gradient"):
-        if hasattr(blk, attr):
-            setattr(blk, attr, None)
+    blk._reset_point()
     if getattr(blk, "_compiled", None) is not None:
         blk._compiled = None
     LinearOperator.__init__(blk, (spec.size, spec.size), op.dtype, op.device, symmetric=op.is_symmetric, psd=op.is_psd)
