@@ -126,10 +126,7 @@ def _rebuild(op: LinearOperator, data: Any) -> LinearOperator | None:
         d = data if isinstance(data, Data) else Data(data, old.reduction, old.batch_size_fn)
         new = copy.copy(op)
         new.data = d
-        new._cached = None
-        for attr in ("_value", "_gradient"):
-            if hasattr(new, attr):
-                setattr(new, attr, None)
+        new._reset_point()
         LinearOperator.__init__(new, op.shape, op.dtype, op.device, symmetric=op.is_symmetric, psd=op.is_psd)
         return new
     return None
