@@ -123,11 +123,6 @@ def rademacher(n: int, k: int, dtype: torch.dtype, device: torch.device, generat
     return (2 * bits - 1).to(dtype)
 
 
-def default_tol(dtype: torch.dtype) -> float:
-    r"""``eps^(2/3)`` of ``dtype`` — ARPACK's floor for relative Ritz-value accuracy (``dsconv``, ``eps23``)."""
-    return float(torch.finfo(dtype).eps) ** (2.0 / 3.0)
-
-
 def check_block_size(block_size: Any, device: torch.device) -> int:
     """The columns per batched product: ``block_size``, or by default 8 on CPU and 32 on accelerators.
 

@@ -49,13 +49,13 @@ import torch
 from torch import Tensor
 
 from curvlab.checks import check_int
+from curvlab.linalg import default_tol
 from curvlab.status import Status
 
 from ._common import (
     Callback,
     Monitor,
     as_symmetric_operator,
-    default_tol,
     make_generator,
     param_layout,
     pow2_scale,
