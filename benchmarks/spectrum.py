@@ -448,29 +448,7 @@ def main() -> None:
 # --------------------------------------------------------------------------- per-layer blocks
 def train_mlp3(epochs: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A 3-layer 64-128-128-10 ReLU MLP, trained as the example's (SGD lr 0.1, batch 32, 5 epochs on digits)."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(seed)
-    Xn, yn = load_digits(return_X_y=True)
-    X = torch.tensor(Xn / 16.0, dtype=torch.float32)
-    y = torch.tensor(yn)
-    model = nn.Sequential()
-    model.add_module("fc1", nn.Linear(64, 128))
-    model.add_module("relu1", nn.ReLU())
-    model.add_module("fc2", nn.Linear(128, 128))
-    model.add_module("relu2", nn.ReLU())
-    model.add_module("fc3", nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=g)
-        for i in range(0, len(X), 32):
-            idx = perm[i : i + 32]
-            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model, X, y
+    return train_mlp(epochs, seed, hidden=(128, 128))
 
 
 def _trained_models() -> list[tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]]:

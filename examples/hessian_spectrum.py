@@ -39,16 +39,23 @@ from curvlab.spectrum import density, eigsh, landscape, summary
 HERE = Path(__file__).resolve().parent
 
 
-def train_mlp(epochs: int = 5, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A 64-64-10 ReLU MLP trained with SGD (lr 0.1, batch 32) on digits (pixels scaled to [0, 1])."""
+def train_mlp(
+    epochs: int = 5, seed: int = 0, hidden: tuple[int, ...] = (64,)
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 64-(hidden)-10 ReLU MLP trained with SGD (lr 0.1, batch 32) on digits (pixels scaled to [0, 1]).
+
+    Layers are named ``fc1``, ``fc2``, ...; the activations ``relu`` (one hidden layer) or ``relu1``, ``relu2``, ...
+    """
     torch.manual_seed(seed)
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
     model = nn.Sequential()
-    model.add_module("fc1", nn.Linear(64, 64))
-    model.add_module("relu", nn.ReLU())
-    model.add_module("fc2", nn.Linear(64, 10))
+    widths = (64, *hidden)
+    for i in range(len(hidden)):
+        model.add_module(f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1]))
+        model.add_module("relu" if len(hidden) == 1 else f"relu{i + 1}", nn.ReLU())
+    model.add_module(f"fc{len(hidden) + 1}", nn.Linear(widths[-1], 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
