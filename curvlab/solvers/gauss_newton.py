@@ -87,9 +87,14 @@ def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: boo
     Returns:
         :math:`\lambda \ge 0`.
     """
+    return _lm_parameter(S, c, delta, par0, full_rank)[0]
+
+
+def _lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bool) -> tuple[float, float]:
+    r""":func:`lm_parameter` and the length :math:`\|q(0)\|` of the (minimum-norm) Gauss-Newton step."""
     n = S.numel()
     if n == 0:
-        return 0.0
+        return 0.0, 0.0
     eps = torch.finfo(S.dtype).eps
     if n <= _SMALL:
         Sl, cl_ = S.tolist(), c.tolist()
@@ -102,11 +107,12 @@ def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: boo
         any_cut, all_cut = bool(cut.any()), bool(cut.all())
         gnorm = float((S * c).norm())
     if not any_cut:
-        return 0.0
+        return 0.0, 0.0
     dxnorm, w0 = _qnorm(S, c, 0.0, cut)
+    gn_norm = dxnorm
     fp = dxnorm - delta
     if fp <= 0.1 * delta:
-        return 0.0
+        return 0.0, gn_norm
     parl = fp / delta * dxnorm**2 / w0 if (full_rank and all_cut and w0 > 0) else 0.0
     paru = gnorm / delta
     if paru == 0:
@@ -127,7 +133,7 @@ def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: boo
         if fp < 0:
             paru = min(paru, par)
         par = max(parl, par + parc)
-    return par
+    return par, gn_norm
 
 
 @options
@@ -348,6 +354,12 @@ class GaussNewton(Solver):
                 message=f"the cosine of the residuals and the Jacobian columns {gn:.3g} <= gtol={gtol:.3g}",
             )
 
+    @staticmethod
+    def _near_stationary(state: dict[str, Any], gn_norm: float, xnorm: float, xtol: float) -> bool:
+        """Whether a collapsed radius is read as convergence: the Gauss-Newton step or the gradient cosine <= √xtol."""
+        tol = math.sqrt(xtol)
+        return gn_norm <= tol * xnorm or state.get("gnorm", math.nan) <= tol
+
     # ------------------------------------------------------------------ solver
     def init(self, problem: Problem) -> dict[str, Any]:
         assert isinstance(problem, LeastSquares)
@@ -389,6 +401,7 @@ class GaussNewton(Solver):
         if fnorm == 0.0:
             return {**state, "status": "converged", "message": "zero residual"}
 
+        gn_norm = 0.0
         if method == "cg":
             Jop = problem.jacobian(x, ALL)
             A = lambda v: Jop.rmatvec(Jop.matvec(v)) + par * v  # noqa: E731
@@ -404,7 +417,7 @@ class GaussNewton(Solver):
             if delta is None:  # first iteration: MINPACK's initial radius
                 xn = float((diag * x).norm())
                 delta = self.factor * xn if xn > 0 else self.factor
-            par = lm_parameter(S, c, delta, par, full_rank)
+            par, gn_norm = _lm_parameter(S, c, delta, par, full_rank)
             if par == 0:
                 cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
                 coef = torch.where(cut, 1.0 / torch.where(cut, S, torch.ones_like(S)), torch.zeros_like(S))
@@ -499,8 +512,18 @@ class GaussNewton(Solver):
             # (below sqrt(eps) the reductions are rounding noise and certify nothing; while the gradient still
             # falls the run goes on; with ftol >= sqrt(eps) this is MINPACK's test unchanged)
             new.update(status="converged", message=f"relative reduction of the sum of squares <= ftol={ftol:.3g}")
-        elif method != "cg" and delta <= xtol * xnorm:
+        elif method != "cg" and delta <= xtol * xnorm and self._near_stationary(new, gn_norm, xnorm, xtol):
+            # the radius collapsed and the model's own (Gauss-Newton) step or the gradient cosine is small as well:
+            # the iterate sits at a stationary point. A collapsed radius with neither says only that the model was
+            # poor at every radius tried (e.g. along a near-null direction of J with a tiny scale D): the radius
+            # keeps shrinking until a step is accepted, or the run ends "stalled" at eps·‖Dx‖
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
+        elif method != "cg" and not accepted and delta <= eps * xnorm:
+            new.update(
+                status="stalled",
+                message=f"the trust radius collapsed to {delta:.3g} (eps·‖Dx‖) without an acceptable step while the "
+                f"Gauss-Newton step is still {gn_norm / xnorm:.3g}·‖Dx‖ long (is the Jacobian right?)",
+            )
         elif method == "cg" and accepted and pnorm <= xtol * xnorm:
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
         elif accepted:
