@@ -62,6 +62,14 @@ def _qnorm(S: Any, c: Any, lam: float, cut: Any) -> tuple[float, float]:
     return float(q.norm()), w
 
 
+#: each restart after parameter evaporation divides the initial radius factor by this
+_RESTART_SHRINK = 0.01
+
+
+def _lost_words(lost: list[int]) -> str:
+    return f"parameter(s) {lost} no longer changing the residuals (Jacobian column <= sqrt(eps) of its largest norm)"
+
+
 #: systems up to this size run Moré's parameter iteration on Python floats (one host transfer, no tensor calls)
 _SMALL = 64
 
@@ -245,6 +253,7 @@ class GaussNewton(Solver):
     cg_maxiter: int = 250
     jacobian: str = "auto"
     chunk_size: int | None = None
+    restarts: int = 1
 
     problem_types = (LeastSquares,)
 
@@ -256,6 +265,7 @@ class GaussNewton(Solver):
         if self.method not in _METHODS:
             raise ValueError(f"GaussNewton.method must be one of {_METHODS}, got {self.method!r}")
         int_fields(self, "dense_max", "gram_max", "cg_maxiter")
+        int_fields(self, "restarts", minimum=0)
         int_fields(self, "chunk_size", optional=True)
 
     # ------------------------------------------------------------------ helpers
@@ -290,7 +300,15 @@ class GaussNewton(Solver):
             out.append(float(v))
         return out[0], out[1], out[2]
 
-    def _at(self, problem: LeastSquares, x: Tensor, method: str, n: int, diag: Tensor | None) -> dict[str, Any]:
+    def _at(
+        self,
+        problem: LeastSquares,
+        x: Tensor,
+        method: str,
+        n: int,
+        diag: Tensor | None,
+        colmax: Tensor | None = None,
+    ) -> dict[str, Any]:
         """Residuals, value and gradient at ``x`` (``n`` residual rows), with the factorisation of the new Jacobian.
 
         ``"dense"``: the thin SVD of :math:`JD^{-1}`, :math:`D` updated to the running maxima of the
@@ -316,7 +334,8 @@ class GaussNewton(Solver):
                 diag = torch.where(col > 0, col, torch.ones_like(col))
             else:
                 diag = torch.maximum(diag, col)
-            extra: dict[str, Any] = {"svd": None, "diag": diag}
+            colmax = col if colmax is None else torch.maximum(colmax, col)
+            extra: dict[str, Any] = {"svd": None, "diag": diag, "col": col, "colmax": colmax}
             rn = r.norm()
             # one host sync for the finiteness check and the gtol cosine (MINPACK lmder: max_j |J_jᵀr| / (‖J_j‖‖r‖))
             cos = torch.where(col > 0, g.abs() / (col * rn).clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(g))
@@ -354,6 +373,43 @@ class GaussNewton(Solver):
                 message=f"the cosine of the residuals and the Jacobian columns {gn:.3g} <= gtol={gtol:.3g}",
             )
 
+    def _lost(self, state: dict[str, Any]) -> list[int]:
+        """Parameters that no longer change the residuals: Jacobian column <= √eps of its largest norm in the run."""
+        col, colmax = state.get("col"), state.get("colmax")
+        if col is None or colmax is None:
+            return []
+        eps = torch.finfo(col.dtype).eps
+        return torch.nonzero((colmax > 0) & (col <= math.sqrt(eps) * colmax)).flatten().tolist()
+
+    def _settle(self, problem: LeastSquares, new: dict[str, Any]) -> dict[str, Any]:
+        """A convergence stop: restart from ``x0`` with a smaller radius if parameters evaporated, keep the best end."""
+        lost = self._lost(new)
+        best, k = new.get("best"), int(new.get("restarts", 0))
+        end = {"x": new["x"], "fnorm": new["fnorm"], "message": new["message"], "lost": lost}
+        end.update(diag=new["diag"], colmax=new.get("colmax"))
+        if lost and k < self.restarts:
+            if best is None or end["fnorm"] < best["fnorm"]:
+                best = end
+            new.update(self._at(problem, problem.x0.clone(), new["method"], new["n_rows"], None))
+            new.update(status=None, message=None, delta=None, par=0.0, accepted=0, restarts=k + 1, best=best)
+            new["log"]["restart"] = k + 1
+            return new
+        note = ""
+        if best is not None:
+            first = f"the run from x0 with factor={self.factor:g} ended at ‖r‖={best['fnorm']:.6g} with "
+            first += _lost_words(best["lost"])
+            if best["fnorm"] < end["fnorm"]:
+                new.update(self._at(problem, best["x"], new["method"], new["n_rows"], best["diag"], best["colmax"]))
+                note = f"; {k} restart(s) with smaller initial radii ended higher (‖r‖={end['fnorm']:.6g}); {first}"
+                end = best
+            else:
+                f_k = self.factor * _RESTART_SHRINK**k
+                note = f" (after restart {k} from x0 with factor={f_k:g}; {first})"
+        if end["lost"]:
+            note += f"; {_lost_words(end['lost'])}: a stationary point at infinity (parameter evaporation)"
+        new.update(status="converged", message=end["message"] + note)
+        return new
+
     @staticmethod
     def _near_stationary(state: dict[str, Any], gn_norm: float, xnorm: float, xtol: float) -> bool:
         """Whether a collapsed radius is read as convergence: the Gauss-Newton step or the gradient cosine <= √xtol."""
@@ -382,6 +438,8 @@ class GaussNewton(Solver):
             par=0.0 if method != "cg" else float(self.damping),
             accepted=0,
             nonfinite=0,
+            restarts=0,
+            best=None,
         )
         if float(state["value"]) == 0.0:
             state.update(status="converged", message="zero residual")
@@ -416,7 +474,8 @@ class GaussNewton(Solver):
             c = U.T @ r
             if delta is None:  # first iteration: MINPACK's initial radius
                 xn = float((diag * x).norm())
-                delta = self.factor * xn if xn > 0 else self.factor
+                factor = self.factor * _RESTART_SHRINK ** state.get("restarts", 0)
+                delta = factor * xn if xn > 0 else factor
             par, gn_norm = _lm_parameter(S, c, delta, par, full_rank)
             if par == 0:
                 cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
@@ -459,7 +518,7 @@ class GaussNewton(Solver):
         # gradient allows (~eps·cond) rather than the ~sqrt(eps) that function values resolve.
         trial, by_gradient = None, False
         if finite_trial and prered <= math.sqrt(eps) and ftol < math.sqrt(eps):
-            trial = self._at(problem, x_new, method, state["n_rows"], diag)
+            trial = self._at(problem, x_new, method, state["n_rows"], diag, state.get("colmax"))
             # the gradient in the scaled variables D⁻¹g (scale-free, like every test here)
             g_old, g_new = (state["grad"] / diag).norm(), (trial["grad"] / diag).norm()
             if actred >= -1e-10 and bool(g_new < g_old):
@@ -488,7 +547,11 @@ class GaussNewton(Solver):
         }
         accepted = ratio >= 1e-4
         if accepted:
-            new.update(trial if trial is not None else self._at(problem, x_new, method, state["n_rows"], diag))
+            new.update(
+                trial
+                if trial is not None
+                else self._at(problem, x_new, method, state["n_rows"], diag, state.get("colmax"))
+            )
             new["accepted"] = state["accepted"] + 1
             new["step_size"] = pnorm if method == "cg" else float(p.norm())
         else:
@@ -528,4 +591,6 @@ class GaussNewton(Solver):
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
         elif accepted:
             self._gtol_stop(new, gtol)
+        if new.get("status") == "converged" and float(new["value"]) > 0:
+            new = self._settle(problem, new)
         return new
