@@ -98,29 +98,32 @@ def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: boo
     return _lm_parameter(S, c, delta, par0, full_rank)[0]
 
 
-def _lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bool) -> tuple[float, float]:
-    r""":func:`lm_parameter` and the length :math:`\|q(0)\|` of the (minimum-norm) Gauss-Newton step."""
+def _lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bool) -> tuple[float, float, float]:
+    r""":func:`lm_parameter`, the length :math:`\|q(0)\|` of the (minimum-norm) Gauss-Newton step and the
+    decrease of :math:`\|r\|^2` it predicts, :math:`\sum_{s_i > 0} c_i^2`."""
     n = S.numel()
     if n == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     eps = torch.finfo(S.dtype).eps
     if n <= _SMALL:
         Sl, cl_ = S.tolist(), c.tolist()
         cutl = [v > eps * Sl[0] * n for v in Sl] if Sl[0] > 0 else [False] * n
         any_cut, all_cut = any(cutl), all(cutl)
         gnorm = math.sqrt(sum((a * b) ** 2 for a, b in zip(Sl, cl_)))
+        gn_model = sum(v * v for v, k in zip(cl_, cutl) if k)
         S, c, cut = Sl, cl_, cutl  # type: ignore[assignment]
     else:
         cut = S > eps * S[0] * n if S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
         any_cut, all_cut = bool(cut.any()), bool(cut.all())
         gnorm = float((S * c).norm())
+        gn_model = float((c[cut] ** 2).sum())
     if not any_cut:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     dxnorm, w0 = _qnorm(S, c, 0.0, cut)
     gn_norm = dxnorm
     fp = dxnorm - delta
     if fp <= 0.1 * delta:
-        return 0.0, gn_norm
+        return 0.0, gn_norm, gn_model
     parl = fp / delta * dxnorm**2 / w0 if (full_rank and all_cut and w0 > 0) else 0.0
     paru = gnorm / delta
     if paru == 0:
@@ -141,7 +144,7 @@ def _lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bo
         if fp < 0:
             paru = min(paru, par)
         par = max(parl, par + parc)
-    return par, gn_norm
+    return par, gn_norm, gn_model
 
 
 @options
@@ -411,10 +414,11 @@ class GaussNewton(Solver):
         return new
 
     @staticmethod
-    def _near_stationary(state: dict[str, Any], gn_norm: float, xnorm: float, xtol: float) -> bool:
-        """Whether a collapsed radius is read as convergence: the Gauss-Newton step or the gradient cosine <= √xtol."""
-        tol = math.sqrt(xtol)
-        return gn_norm <= tol * xnorm or state.get("gnorm", math.nan) <= tol
+    def _near_stationary(state: dict[str, Any], gn_measure: float, tol: float) -> bool:
+        """Whether MINPACK's ``xtol`` / ``ftol`` test may count: the full Gauss-Newton step's relative length /
+        predicted relative reduction (``gn_measure``) or the gradient cosine at most ``√tol``."""
+        root = math.sqrt(tol)
+        return gn_measure <= root or state.get("gnorm", math.nan) <= root
 
     # ------------------------------------------------------------------ solver
     def init(self, problem: Problem) -> dict[str, Any]:
@@ -459,7 +463,7 @@ class GaussNewton(Solver):
         if fnorm == 0.0:
             return {**state, "status": "converged", "message": "zero residual"}
 
-        gn_norm = 0.0
+        gn_norm = gn_model = 0.0
         if method == "cg":
             Jop = problem.jacobian(x, ALL)
             A = lambda v: Jop.rmatvec(Jop.matvec(v)) + par * v  # noqa: E731
@@ -476,7 +480,7 @@ class GaussNewton(Solver):
                 xn = float((diag * x).norm())
                 factor = self.factor * _RESTART_SHRINK ** state.get("restarts", 0)
                 delta = factor * xn if xn > 0 else factor
-            par, gn_norm = _lm_parameter(S, c, delta, par, full_rank)
+            par, gn_norm, gn_model = _lm_parameter(S, c, delta, par, full_rank)
             if par == 0:
                 cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
                 coef = torch.where(cut, 1.0 / torch.where(cut, S, torch.ones_like(S)), torch.zeros_like(S))
@@ -571,11 +575,22 @@ class GaussNewton(Solver):
             return new
         if float(new["value"]) == 0.0:
             new.update(status="converged", message="zero residual")
-        elif ftol > 0 and abs(actred) <= ftol and prered <= ftol and 0.5 * ratio <= 1 and not by_gradient:
+        elif (
+            ftol > 0
+            and abs(actred) <= ftol
+            and prered <= ftol
+            and 0.5 * ratio <= 1
+            and not by_gradient
+            and self._near_stationary(new, gn_model / fnorm**2, ftol)
+        ):
             # (below sqrt(eps) the reductions are rounding noise and certify nothing; while the gradient still
-            # falls the run goes on; with ftol >= sqrt(eps) this is MINPACK's test unchanged)
+            # falls the run goes on; with ftol >= sqrt(eps) this is MINPACK's test, plus: the full Gauss-Newton
+            # step must not promise a reduction above sqrt(ftol) unless the gradient cosine is below it: a small
+            # predicted reduction only because the radius collapsed where the model is wrong is no convergence)
             new.update(status="converged", message=f"relative reduction of the sum of squares <= ftol={ftol:.3g}")
-        elif method != "cg" and delta <= xtol * xnorm and self._near_stationary(new, gn_norm, xnorm, xtol):
+        elif (
+            method != "cg" and delta <= xtol * xnorm and self._near_stationary(new, gn_norm / max(xnorm, _DWARF), xtol)
+        ):
             # the radius collapsed and the model's own (Gauss-Newton) step or the gradient cosine is small as well:
             # the iterate sits at a stationary point. A collapsed radius with neither says only that the model was
             # poor at every radius tried (e.g. along a near-null direction of J with a tiny scale D): the radius
@@ -585,7 +600,7 @@ class GaussNewton(Solver):
             new.update(
                 status="stalled",
                 message=f"the trust radius collapsed to {delta:.3g} (eps·‖Dx‖) without an acceptable step while the "
-                f"Gauss-Newton step is still {gn_norm / xnorm:.3g}·‖Dx‖ long (is the Jacobian right?)",
+                f"Gauss-Newton step is still {gn_norm / max(xnorm, _DWARF):.3g}·‖Dx‖ long (is the Jacobian right?)",
             )
         elif method == "cg" and accepted and pnorm <= xtol * xnorm:
             new.update(status="converged", message=f"relative step size <= xtol={xtol:.3g}")
