@@ -98,15 +98,20 @@ def lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: boo
     return _lm_parameter(S, c, delta, par0, full_rank)[0]
 
 
-def _lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bool) -> tuple[float, float, float]:
+def _lm_parameter(
+    S: Any, c: Any, delta: float, par0: float, full_rank: bool, eps: float | None = None
+) -> tuple[float, float, float]:
     r""":func:`lm_parameter`, the length :math:`\|q(0)\|` of the (minimum-norm) Gauss-Newton step and the
-    decrease of :math:`\|r\|^2` it predicts, :math:`\sum_{s_i > 0} c_i^2`."""
-    n = S.numel()
+    decrease of :math:`\|r\|^2` it predicts, :math:`\sum_{s_i > 0} c_i^2`.
+
+    ``S`` and ``c`` may be Python lists (then ``eps``, the precision, is required)."""
+    n = len(S) if isinstance(S, list) else S.numel()
     if n == 0:
         return 0.0, 0.0, 0.0
-    eps = torch.finfo(S.dtype).eps
+    if eps is None:
+        eps = torch.finfo(S.dtype).eps
     if n <= _SMALL:
-        Sl, cl_ = S.tolist(), c.tolist()
+        Sl, cl_ = (S, c) if isinstance(S, list) else (S.tolist(), c.tolist())
         cutl = [v > eps * Sl[0] * n for v in Sl] if Sl[0] > 0 else [False] * n
         any_cut, all_cut = any(cutl), all(cutl)
         gnorm = math.sqrt(sum((a * b) ** 2 for a, b in zip(Sl, cl_)))
@@ -145,6 +150,15 @@ def _lm_parameter(S: Tensor, c: Tensor, delta: float, par0: float, full_rank: bo
             paru = min(paru, par)
         par = max(parl, par + parc)
     return par, gn_norm, gn_model
+
+
+def _step_coefficients(S: list[float], c: list[float], par: float, eps: float) -> list[float]:
+    """:math:`w_i = s_ic_i/(s_i^2+λ)`; for λ = 0 the minimum-norm :math:`c_i/s_i` (0 below ``eps·s_1·n``)."""
+    n = len(S)
+    if par == 0:
+        thr = eps * S[0] * n if n and S[0] > 0 else math.inf
+        return [ci / si if si > thr else 0.0 for si, ci in zip(S, c)]
+    return [si * ci / (si * si + par) for si, ci in zip(S, c)]
 
 
 @options
@@ -320,6 +334,7 @@ class GaussNewton(Solver):
         (a rejected step costs one residual evaluation, as in MINPACK).
         """
         gnorm = fnorm = math.nan
+        small: tuple[Tensor, float] | None = None
         if method == "dense":
             if self.jacobian == "auto" and not problem.distributed and self.chunk_size is None:
                 # the matrix-free Jacobian operator materialised from its cheaper side (P double-vjp products
@@ -340,15 +355,26 @@ class GaussNewton(Solver):
             colmax = col if colmax is None else torch.maximum(colmax, col)
             extra: dict[str, Any] = {"svd": None, "diag": diag, "col": col, "colmax": colmax}
             rn = r.norm()
-            # one host sync for the finiteness check and the gtol cosine (MINPACK lmder: max_j |J_jᵀr| / (‖J_j‖‖r‖))
-            cos = torch.where(col > 0, g.abs() / (col * rn).clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(g))
-            fin_gn = torch.stack([J.isfinite().all().to(r.dtype), cos.max() if cos.numel() else rn * 0, rn]).tolist()
-            fnorm = fin_gn[2]
-            if fin_gn[0] == 1.0:  # else the loop stops on the non-finite gradient
+            # one host sync for the finiteness check and the gtol cosine (MINPACK lmder: max_j |J_jᵀr| / (‖J_j‖‖r‖));
+            # J is finite iff its column norms are (an overflowing norm counts as non-finite)
+            tiny = torch.finfo(r.dtype).tiny
+            if g.numel() <= _SMALL:
+                vals = torch.cat([g, col, rn.reshape(1)]).tolist()
+                k = g.numel()
+                gl, coll, fnorm = vals[:k], vals[k : 2 * k], vals[2 * k]
+                finite_J = all(math.isfinite(v) for v in coll)
+                cosmax = max((abs(a) / max(b * fnorm, tiny) for a, b in zip(gl, coll) if b > 0), default=0.0)
+                small = (r.new_tensor(0.5 * fnorm * fnorm / n), math.sqrt(sum(a * a for a in gl)) / n)
+            else:
+                cos = torch.where(col > 0, g.abs() / (col * rn).clamp_min(tiny), torch.zeros_like(g))
+                fin_gn = torch.stack([col.isfinite().all().to(r.dtype), cos.max() if cos.numel() else rn * 0, rn])
+                finite_J, cosmax, fnorm = fin_gn.tolist()
+                finite_J = finite_J == 1.0
+            if finite_J:  # else the loop stops on the non-finite gradient
                 # a plain tuple, not torch.return_types.linalg_svd: the state must load with torch.load's
                 # default weights_only=True
                 extra["svd"] = tuple(torch.linalg.svd(J / diag, full_matrices=False))
-                gnorm = fin_gn[1]
+                gnorm = cosmax
         else:
             Jop = problem.jacobian(x, ALL)
             r = Jop.residuals
@@ -359,11 +385,14 @@ class GaussNewton(Solver):
                 if bool(torch.isfinite(K).all()):
                     w, U = torch.linalg.eigh(0.5 * (K + K.T))
                     extra["svd"] = (U.flip(1), w.flip(0).clamp_min(0).sqrt(), None)
-        value = 0.5 * torch.dot(r, r) / n
         grad = g / n
+        if small is not None:
+            value, grad_norm = small[0], r.new_tensor(small[1])
+        else:
+            value, grad_norm = 0.5 * torch.dot(r, r) / n, grad.norm()
         if not math.isfinite(fnorm):
             fnorm = float(r.norm())
-        out = {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad.norm(), "gnorm": gnorm, **extra}
+        out = {"x": x, "res": r, "value": value, "grad": grad, "grad_norm": grad_norm, "gnorm": gnorm, **extra}
         out["fnorm"] = fnorm
         return out
 
@@ -412,6 +441,47 @@ class GaussNewton(Solver):
             note += f"; {_lost_words(end['lost'])}: a stationary point at infinity (parameter evaporation)"
         new.update(status="converged", message=end["message"] + note)
         return new
+
+    @staticmethod
+    def _tensor_step(
+        problem: LeastSquares,
+        x: Tensor,
+        r: Tensor,
+        method: str,
+        U: Tensor,
+        S: Tensor,
+        Vh: Tensor | None,
+        c: Tensor,
+        delta: float,
+        par: float,
+        full_rank: bool,
+        diag: Tensor,
+        matvecs: int,
+        eps: float,
+    ) -> tuple[float, float, float, Tensor, float, float, int]:
+        """The damped step from the factorisation on tensors (large ``"dense"`` systems and ``"gram"``).
+
+        Returns ``(λ, ‖q(0)‖, GN-predicted decrease, p, ‖Dp‖, ‖Jp‖, matvecs)``.
+        """
+        par, gn_norm, gn_model = _lm_parameter(S, c, delta, par, full_rank)
+        if par == 0:
+            cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+            coef = torch.where(cut, 1.0 / torch.where(cut, S, torch.ones_like(S)), torch.zeros_like(S))
+        else:
+            coef = S / (S**2 + par)
+        if method == "dense":
+            assert Vh is not None
+            q = -(Vh.T @ (coef * c))  # scaled step D p
+            p = q / diag
+            Jp = U @ (S * (Vh @ q))
+        else:  # gram: p = -Jᵀz, Jp = -JJᵀz
+            z = U @ (coef / torch.where(S > 0, S, torch.ones_like(S)) * c)
+            p = -problem.jacobian(x, ALL).rmatvec(z)
+            Jp = -(U @ (S**2 * (U.T @ z)))
+            matvecs += 1
+            q = p
+        jpnorm, pnorm = torch.stack([Jp.norm(), q.norm()]).tolist()
+        return par, gn_norm, gn_model, p, pnorm, jpnorm, matvecs
 
     @staticmethod
     def _near_stationary(state: dict[str, Any], gn_measure: float, tol: float) -> bool:
@@ -480,28 +550,22 @@ class GaussNewton(Solver):
                 xn = float((diag * x).norm())
                 factor = self.factor * _RESTART_SHRINK ** state.get("restarts", 0)
                 delta = factor * xn if xn > 0 else factor
-            par, gn_norm, gn_model = _lm_parameter(S, c, delta, par, full_rank)
-            if par == 0:
-                cut = S > eps * S[0] * S.numel() if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-                coef = torch.where(cut, 1.0 / torch.where(cut, S, torch.ones_like(S)), torch.zeros_like(S))
-            else:
-                coef = S / (S**2 + par)
-            if method == "dense":
-                q = -(Vh.T @ (coef * c))  # scaled step D p
+            if method == "dense" and S.numel() <= _SMALL:
+                # small systems: Moré's parameter, the step's coefficients and both norms on Python floats (one host
+                # transfer); ‖Dp‖ = ‖w‖ and ‖Jp‖ = ‖s·w‖ for q = -Vᵀw, w = s·c/(s²+λ), V orthonormal
+                Sl, cl_ = S.tolist(), c.tolist()
+                par, gn_norm, gn_model = _lm_parameter(Sl, cl_, delta, par, full_rank, eps)
+                w = _step_coefficients(Sl, cl_, par, eps)
+                pnorm = math.sqrt(sum(v * v for v in w))
+                jpnorm = math.sqrt(sum((a * v) ** 2 for a, v in zip(Sl, w)))
+                q = -(Vh.T @ torch.tensor(w, dtype=S.dtype, device=S.device))
                 p = q / diag
-                Jp = U @ (S * (Vh @ q))
-                norms = torch.stack([Jp.norm(), q.norm()]).tolist()
-            else:  # gram: p = -Jᵀz, Jp = -JJᵀz
-                z = U @ (coef / torch.where(S > 0, S, torch.ones_like(S)) * c)
-                p = -problem.jacobian(x, ALL).rmatvec(z)
-                Jp = -(U @ (S**2 * (U.T @ z)))
-                matvecs += 1
-                q = p
-                norms = torch.stack([Jp.norm(), q.norm()]).tolist()
-            jpnorm, pnorm = norms
+            else:
+                par, gn_norm, gn_model, p, pnorm, jpnorm, matvecs = self._tensor_step(
+                    problem, x, r, method, U, S, Vh, c, delta, par, full_rank, diag, matvecs, eps
+                )
             if state["accepted"] == 0:
                 delta = min(delta, pnorm)
-
         x_new = x + p
         with torch.no_grad():
             r_new = problem.residuals(x_new, ALL)
