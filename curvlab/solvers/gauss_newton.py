@@ -221,6 +221,26 @@ class GaussNewton(Solver):
     at once. Trial points with non-finite residuals are never accepted (the radius shrinks); if they persist
     until the radius collapses, the run stops with ``status="nan"``.
 
+    Where MINPACK can report success away from a minimum, the ``ftol`` and ``xtol`` tests count only at a
+    point that is nearly stationary (``"dense"`` / ``"gram"``): the full (minimum-norm) Gauss-Newton step's
+    relative length :math:`\|Dp_{GN}\|/\|Dx\|` (for ``xtol``) or its predicted relative reduction
+    :math:`\|Jp_{GN}\|^2/\|r\|^2` (for ``ftol``), or else the gtol cosine, is at most the square root of that
+    tolerance. A radius that collapsed only because the model was poor at every radius tried (MINPACK's
+    false ``info=2`` on NIST MGH17 from start 1, along a near-null direction of :math:`J` with a tiny scale
+    :math:`D`) keeps shrinking until a step is accepted; if it reaches :math:`\varepsilon\|Dx\|` first the run
+    ends ``status="stalled"`` (e.g. a wrong hand-written derivative). Near every minimum the NIST and MGH
+    problems reach, these extra conditions hold with orders of magnitude to spare: the stops there are MINPACK's.
+
+    Parameter evaporation (Transtrum, Machta & Sethna, *Geometry of nonlinear least squares with applications
+    to sloppy models and optimization*, Phys. Rev. E 83, 036701, 2011): a run can end on a plateau
+    where some parameter no longer affects the model (NIST BoxBOD from start 1: MINPACK's first step sends
+    :math:`b_2` to 111, where :math:`e^{-b_2x}` vanishes, and every test holds there). When a convergence
+    stop finds Jacobian columns at most :math:`\sqrt\varepsilon` times their largest norm in the run, the run
+    restarts from ``x0`` with ``factor`` divided by 100 (1 after the default 100, inside the interval [0.1, 100]
+    the MINPACK-1 User Guide recommends for it), up to ``restarts`` times, and returns the end with the
+    smaller :math:`\|r\|`; the message says so and names evaporated parameters that remain (the status is
+    still ``"converged"``: the gradient vanishes there, a stationary point at infinity).
+
     Beyond MINPACK, when ``ftol`` is set below :math:`\sqrt\varepsilon` (tighter than function values
     resolve; with the defaults the run is MINPACK's): once the model predicts a relative reduction below
     :math:`\sqrt\varepsilon` (near a
@@ -236,7 +256,7 @@ class GaussNewton(Solver):
         ftol: relative reduction tolerance (``None``: :data:`DEFAULT_TOL`, at least the dtype's eps).
         xtol: relative step tolerance (``None``: the same).
         gtol: cosine (scaled gradient) tolerance (``None``: the same). ``ftol=0`` or ``gtol=0``
-            switches that test off; ``xtol`` is at least eps (a collapsed radius always ends the run).
+            switches that test off; ``xtol`` is at least eps (a radius collapsed to eps·‖Dx‖ always ends the run).
         method: ``"auto"``, ``"dense"``, ``"gram"`` or ``"cg"``.
         dense_max: largest parameter count for ``"dense"`` under ``"auto"``.
         gram_max: largest residual count for ``"gram"`` under ``"auto"``.
@@ -247,6 +267,8 @@ class GaussNewton(Solver):
             shape, exact for any residuals) or ``"per_sample"`` (``vmap`` over the samples of each
             batch, much cheaper for data fitting, where residual row ``i`` belongs to sample ``i``).
         chunk_size: Jacobian products per vectorised pass (``None``: by a memory budget).
+        restarts: how many restarts from ``x0`` with a 100× smaller ``factor`` a convergence stop with
+            evaporated parameters triggers (``"dense"``; 0: MINPACK's behaviour, a single run).
 
     Example:
         >>> import torch, curvlab as cl
