@@ -450,15 +450,16 @@ class GaussNewton(Solver):
             return new
         note = ""
         if best is not None:
-            first = f"the run from x0 with factor={self.factor:g} ended at ‖r‖={best['fnorm']:.6g} with "
-            first += _lost_words(best["lost"])
             if best["fnorm"] < end["fnorm"]:
                 new.update(self._at(problem, best["x"], new["method"], new["n_rows"], best["diag"], best["colmax"]))
-                note = f"; {k} restart(s) with smaller initial radii ended higher (‖r‖={end['fnorm']:.6g}); {first}"
+                note = f"; {k} restart(s) from x0 with smaller initial radii ended higher (‖r‖={end['fnorm']:.6g})"
                 end = best
             else:
                 f_k = self.factor * _RESTART_SHRINK**k
-                note = f" (after restart {k} from x0 with factor={f_k:g}; {first})"
+                note = (
+                    f" (after restart {k} from x0 with factor={f_k:g}: an earlier run had ended at "
+                    f"‖r‖={best['fnorm']:.6g} with {_lost_words(best['lost'])})"
+                )
         if end["lost"]:
             note += f"; {_lost_words(end['lost'])}: a stationary point at infinity (parameter evaporation)"
         new.update(status="converged", message=end["message"] + note)
