@@ -22,7 +22,7 @@ NIST's certified residual sum of squares at the certified parameters.
 A second table: iteration counts of GaussNewton and MINPACK on the Moré–Garbow–Hillstrom
 problems of ``tests/solvers/mgh.py`` (Brown–Dennis among them), both at default tolerances.
 
-Run: ``python benchmarks/nist.py [--data DIR] [--repeat 3] [--check]`` (about a minute on 2 cores).
+Run: ``python benchmarks/nist.py [--data DIR] [--repeat 3] [--check]`` (2–5 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
