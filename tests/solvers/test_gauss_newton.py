@@ -295,7 +295,7 @@ def _lre(b: torch.Tensor, cert: list[float]) -> float:
 
 def test_collapsed_radius_away_from_a_stationary_point_is_not_convergence():
     """MGH17 from NIST's start 1: the first trials blow up along a direction with a tiny scale D and the radius
-    collapses below xtol·‖Dx‖ with a long Gauss-Newton step (MINPACK: info=2, "converged", 2 digits wrong). The
+    collapses below xtol·‖Dx‖ with a long Gauss-Newton step (MINPACK at 1.49e-8: info=2, "converged", LRE -2.1). The
     radius keeps shrinking instead, the run recovers and reaches NIST's certified minimizer."""
     P = get("osborne1")
     r = GaussNewton().solve(cl.LeastSquares(P.f, torch.tensor(_MGH17_START1, dtype=torch.float64)), max_iter=2000)
