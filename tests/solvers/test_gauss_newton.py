@@ -358,3 +358,24 @@ def test_parameter_evaporation_restarts_with_a_smaller_radius():
     assert torch.equal(rest.flat, full.flat) and rest.message == full.message
     with pytest.raises(ValueError, match="restarts"):
         GaussNewton(restarts=-1)
+
+
+def test_restart_keeps_the_better_end():
+    """A fit whose best parameters lie at infinity (y = 1 = lim b1 (1 - exp(-b2 x))): both the first run and the
+    restart evaporate b2; the result is the end with the smaller ‖r‖, identical to that single run."""
+    t = torch.tensor(_BOX_X, dtype=torch.float64)
+
+    def res(b):
+        return b[0] * (1 - torch.exp(-b[1] * t)) - 1.0
+
+    for start in ([0.5, 0.3], [2.0, 0.1]):  # the first: the restart ends higher; the second: lower
+        x0 = torch.tensor(start, dtype=torch.float64)
+        both = GaussNewton().solve(cl.LeastSquares(res, x0), max_iter=2000)
+        first = GaussNewton(restarts=0).solve(cl.LeastSquares(res, x0), max_iter=2000)
+        second = GaussNewton(restarts=0, factor=1.0).solve(cl.LeastSquares(res, x0), max_iter=2000)
+        f1, f2 = float(res(first.flat).norm()), float(res(second.flat).norm())
+        assert f1 != f2
+        assert torch.equal(both.flat, first.flat if f1 < f2 else second.flat)
+        assert both.status == "converged" and "evaporation" in first.message
+        assert ("ended higher" in both.message) == (f1 < f2) and "restart" in both.message
+        assert both.n_iter == first.n_iter + second.n_iter  # the restart's iterations count in the same budget
