@@ -609,10 +609,11 @@ class GaussNewton(Solver):
         # gradient allows (~eps·cond) rather than the ~sqrt(eps) that function values resolve.
         trial, by_gradient = None, False
         if finite_trial and prered <= math.sqrt(eps) and ftol < math.sqrt(eps):
-            trial = self._at(problem, x_new, method, state["n_rows"], diag, state.get("colmax"))
-            # the gradient in the scaled variables D⁻¹g (scale-free, like every test here)
-            g_old, g_new = (state["grad"] / diag).norm(), (trial["grad"] / diag).norm()
-            if actred >= -1e-10 and bool(g_new < g_old):
+            if actred >= -1e-10:  # (else rejected without the trial's Jacobian)
+                trial = self._at(problem, x_new, method, state["n_rows"], diag, state.get("colmax"))
+                # the gradient in the scaled variables D⁻¹g (scale-free, like every test here)
+                g_old, g_new = (state["grad"] / diag).norm(), (trial["grad"] / diag).norm()
+            if trial is not None and bool(g_new < g_old):
                 ratio, by_gradient = max(ratio, 1.0), True
             else:
                 ratio, trial = min(ratio, 0.0), None
