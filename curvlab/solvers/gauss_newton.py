@@ -274,7 +274,7 @@ class GaussNewton(Solver):
         >>> import torch, curvlab as cl
         >>> rosen = cl.LeastSquares(lambda x: torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]]),
         ...                         torch.tensor([-1.2, 1.0], dtype=torch.float64))
-        >>> r = cl.solvers.GaussNewton().solve(rosen, max_iter=100, tol=1e-14)
+        >>> r = cl.solvers.GaussNewton().solve(rosen, max_iter=100)
         >>> str(r.status), [round(v, 10) for v in r.params.tolist()]
         ('converged', [1.0, 1.0])
     """
