@@ -281,3 +281,101 @@ def test_tolerance_options():
     xs = torch.linalg.lstsq(A, b).solution
     r = GaussNewton().solve(cl.LeastSquares(lambda x: A @ x - b, xs))
     assert r.status == "converged" and r.n_iter == 0 and "gtol" in r.message
+
+
+# NIST StRD MGH17 (= MGH's Osborne 1 data) and its certified minimizer; start 1 of NIST's file
+_MGH17_START1 = [50.0, 150.0, -100.0, 1.0, 2.0]
+_MGH17_CERT = [0.37541005211, 1.9358469127, -1.4646871366, 0.01286753464, 0.022122699662]
+
+
+def _lre(b: torch.Tensor, cert: list[float]) -> float:
+    c = torch.tensor(cert, dtype=torch.float64)
+    return float((-torch.log10((b - c).abs() / c.abs())).clamp(max=15).min())
+
+
+def test_collapsed_radius_away_from_a_stationary_point_is_not_convergence():
+    """MGH17 from NIST's start 1: the first trials blow up along a direction with a tiny scale D and the radius
+    collapses below xtol·‖Dx‖ with a long Gauss-Newton step (MINPACK at 1.49e-8: info=2, "converged", LRE -2.1). The
+    radius keeps shrinking instead, the run recovers and reaches NIST's certified minimizer."""
+    P = get("osborne1")
+    r = GaussNewton().solve(cl.LeastSquares(P.f, torch.tensor(_MGH17_START1, dtype=torch.float64)), max_iter=2000)
+    assert r.status == "converged", r.message
+    assert r.n_iter > 100  # (the old stop came after 10 rejected trials)
+    assert _lre(r.flat, _MGH17_CERT) >= 6
+
+
+def test_wrong_jacobian_stalls_instead_of_converging():
+    # value x - 1, derivative -1 (a sign error in a hand-written derivative): every step goes uphill, the radius
+    # collapses to eps·‖Dx‖ while the Gauss-Newton step stays long, and the gradient cosine stays ~1
+    def res(x):
+        return 2 * x.detach() - x - 1.0
+
+    x0 = torch.tensor([3.0, -2.0, 5.0], dtype=torch.float64)
+    r = GaussNewton().solve(cl.LeastSquares(res, x0), max_iter=3000)
+    assert r.status == "stalled" and "Jacobian" in r.message, (r.status, r.message)
+    assert torch.equal(r.flat, x0)  # no step was ever accepted
+
+
+# NIST StRD BoxBOD (Box et al. 1978): y = b1 (1 - exp(-b2 x)), certified b = (213.80940889, 0.54723748542)
+_BOX_X = [1.0, 2.0, 3.0, 5.0, 7.0, 10.0]
+_BOX_Y = [109.0, 149.0, 149.0, 191.0, 213.0, 224.0]
+_BOX_CERT = [213.80940889, 0.54723748542]
+
+
+def _boxbod(b):
+    x, y = torch.tensor(_BOX_X, dtype=b.dtype), torch.tensor(_BOX_Y, dtype=b.dtype)
+    return b[0] * (1 - torch.exp(-b[1] * x)) - y
+
+
+def test_parameter_evaporation_restarts_with_a_smaller_radius():
+    """BoxBOD from NIST's start 1 (1, 1): MINPACK's first step (factor 100) sends b2 to 111, where the model no longer
+    depends on b2 (its Jacobian column ~1e-46) and every test holds. GaussNewton restarts from x0 with factor 1
+    and reaches the certified minimizer; with restarts=0 it reports the evaporated parameter."""
+    x0 = torch.ones(2, dtype=torch.float64)
+    r = GaussNewton(ftol=1e-15, xtol=1e-15, gtol=1e-15).solve(cl.LeastSquares(_boxbod, x0), max_iter=500)
+    assert r.status == "converged" and "restart 1" in r.message, r.message
+    assert _lre(r.flat, _BOX_CERT) >= 9
+    assert x0.tolist() == [1.0, 1.0]
+    # the reference: scipy's lm (MINPACK) from the same start, same tolerances, stops on the plateau
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = scipy.optimize.least_squares(
+            lambda b: _boxbod(torch.tensor(b)).numpy(), [1.0, 1.0], method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15
+        )
+    assert ref.x[1] > 50 and float((_boxbod(r.flat) ** 2).sum()) < 0.2 * 2 * ref.cost
+    once = GaussNewton(restarts=0).solve(cl.LeastSquares(_boxbod, x0), max_iter=500)
+    assert once.status == "converged" and "evaporation" in once.message and "[1]" in once.message
+    assert float(once.flat[1]) > 50
+    # resuming a saved state after the restart gives the same run
+    solver = GaussNewton()
+    prob = cl.LeastSquares(_boxbod, x0)
+    full = solver.solve(prob, max_iter=500)
+    part = solver.solve(prob, max_iter=6)
+    buf = io.BytesIO()
+    torch.save(part.state, buf)
+    buf.seek(0)
+    rest = solver.solve(prob, max_iter=500, state=torch.load(buf))
+    assert torch.equal(rest.flat, full.flat) and rest.message == full.message
+    with pytest.raises(ValueError, match="restarts"):
+        GaussNewton(restarts=-1)
+
+
+def test_restart_keeps_the_better_end():
+    """A fit whose best parameters lie at infinity (y = 1 = lim b1 (1 - exp(-b2 x))): both the first run and the
+    restart evaporate b2; the result is the end with the smaller ‖r‖, identical to that single run."""
+    t = torch.tensor(_BOX_X, dtype=torch.float64)
+
+    def res(b):
+        return b[0] * (1 - torch.exp(-b[1] * t)) - 1.0
+
+    for start in ([0.5, 0.3], [2.0, 0.1]):  # the first: the restart ends higher; the second: lower
+        x0 = torch.tensor(start, dtype=torch.float64)
+        both = GaussNewton().solve(cl.LeastSquares(res, x0), max_iter=2000)
+        first = GaussNewton(restarts=0).solve(cl.LeastSquares(res, x0), max_iter=2000)
+        second = GaussNewton(restarts=0, factor=1.0).solve(cl.LeastSquares(res, x0), max_iter=2000)
+        f1, f2 = float(res(first.flat).norm()), float(res(second.flat).norm())
+        assert f1 != f2
+        assert torch.equal(both.flat, first.flat if f1 < f2 else second.flat)
+        assert both.status == "converged" and "evaporation" in first.message
+        assert ("ended higher" in both.message) == (f1 < f2) and "restart" in both.message
+        assert both.n_iter == first.n_iter + second.n_iter  # the restart's iterations count in the same budget

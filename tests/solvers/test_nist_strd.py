@@ -33,27 +33,40 @@ def test_models_reproduce_the_certified_sums_of_squares():
 
 
 @pytest.mark.slow
-def test_nist_strd_tight_tolerances_at_least_minpack():
-    """With ftol = xtol = gtol = 1e-15 (both): 6 correct digits on at least as many cases as MINPACK (53/54)."""
+def test_nist_strd_tight_tolerances_all_54():
+    """With ftol = xtol = gtol = 1e-15 (both): 6 correct digits on all 54 cases; MINPACK (scipy lm) 53/54."""
     ours = theirs = 0
+    missed = []
     for P in _problems():
-        for x0 in P.starts:
-            b, _, _ = nist.run_curvlab(P, x0, nist.TIGHT)
-            ours += nist.lre(b, P.certified) >= 6
+        for s, x0 in enumerate(P.starts, 1):
+            b, _, status = nist.run_curvlab(P, x0, nist.TIGHT)
+            ok = nist.lre(b, P.certified) >= 6
+            ours += ok
+            if not ok:
+                missed.append((P.name, s, status))
             bs, _, _ = nist.run_scipy(P, x0, nist.TIGHT)
             theirs += nist.lre(bs, P.certified) >= 6
-    assert ours >= 53 and ours >= theirs, (ours, theirs)
+    assert ours == 54 and ours >= theirs, (ours, theirs, missed)
 
 
 @pytest.mark.slow
 def test_nist_strd_default_tolerances_follow_minpack():
-    """Default tolerances: MINPACK's stopping, so the evaluation counts agree with scipy's lm on most cases."""
-    close = 0
+    """Default tolerances: MINPACK's stopping (evaluation counts as scipy's lm on most cases), every run
+    "converged" with at least 3 correct digits (no false convergence: MINPACK's xtol stop on MGH17 from start 1
+    and its BoxBOD plateau from start 1 are off by 100 %), and at least as many cases to 6 digits as MINPACK
+    with the same tolerances (1.49e-8)."""
+    close = ours = theirs = 0
     for P in _problems():
         for x0 in P.starts:
-            _, n, status = nist.run_curvlab(P, x0)
+            b, n, status = nist.run_curvlab(P, x0)
             _, ns, _ = nist.run_scipy(P, x0)
             close += abs(n - ns) <= max(2, 0.1 * ns)
-            assert status in ("converged", "max_iter")
+            assert status == "converged", (P.name, x0, status)
+            lre = nist.lre(b, P.certified)
+            assert lre >= 3, (P.name, x0, lre)
+            ours += lre >= 6
+            bs, _, _ = nist.run_scipy(P, x0, nist.DEFAULT)
+            theirs += nist.lre(bs, P.certified) >= 6
     assert close >= 45, close
+    assert ours >= theirs, (ours, theirs)
     assert torch.get_default_dtype() == torch.float32  # untouched by the run
