@@ -181,6 +181,21 @@ class Recorded:
             gs = [torch.stack([c[i] for c in cols]) for i in range(len(inputs))]
         return [-g for g in gs]
 
+    def jacobian(self, idx: Sequence[int]) -> tuple[Tensor, list[Tensor]] | None:
+        r""":math:`A` ``(n, n)`` and the rows of :math:`B` for ``theta[idx]`` (each ``(n, *shape)``), in one pass.
+
+        One batched backward pass with the identity as cotangents (row ``i`` of
+        :math:`[A\; B]` is :math:`e_i^\top \partial F`); ``None`` where the batched
+        pass is not available (the caller then uses products).
+        """
+        inputs = [*self.y, *(self.theta[i] for i in idx)]
+        eye = torch.eye(self.n, dtype=self.F.dtype, device=self.F.device)
+        try:
+            gs = self._grad(inputs, eye, True)
+        except RuntimeError:
+            return None
+        return _flat(gs[: len(self.y)], True), list(gs[len(self.y) :])
+
     # ------------------------------------------------------------- forward mode
     def _linearized(self) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         r"""``u0`` with :math:`\partial_y F^\top u_0` and :math:`\partial_\theta F^\top u_0` (``create_graph``)."""

@@ -26,7 +26,7 @@ from curvlab.linalg import KrylovResult
 
 from ._graph import Recorded, check_forward_levels, foreign_leaves
 from ._linear_solve import LinearSolver
-from ._root import _ift_vjp, _operator, _plain, _setup, _warn_residual
+from ._root import _ift_vjp, _plain, _recorded_vjp, _setup, _warn_residual
 from ._tree import flat_cat
 
 __all__ = ["hypergradient"]
@@ -181,11 +181,10 @@ def _recorded(
     gx_f, gy_f = fg[: len(xl)], fg[len(xl) :]
     rec = Recorded(F, yl, xl)
     v = flat_cat([t.to(F.dtype) for t in gy_f])
-    u = linear(_operator(rec, linear, transpose=True), v)
+    implicit = _recorded_vjp(rec, linear, v, list(range(len(xl))))
     _warn_residual(
         linear.last, float(F.detach().norm()), float(flat_cat(y_leaves).norm()), "hypergradient", _ORDER_HINT
     )
-    implicit = rec.bt(u, list(range(len(xl))))
     return tree_unflatten([d + i.to(d.dtype) for d, i in zip(gx_f, implicit)], x_def), linear.last
 
 

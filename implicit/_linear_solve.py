@@ -30,6 +30,8 @@ __all__ = ["LinearSolveError", "LinearSolveWarning", "LinearSolver"]
 _COMMON = ("x0", "tol", "atol", "maxiter", "M", "damping")
 #: Methods whose products include ``Aᵀ``.
 _NEEDS_TRANSPOSE = {"normal_cg"}
+#: ``curvlab.linalg.solve(method="auto")``'s default ``dense_max`` (tests/implicit check that they agree).
+_AUTO_DENSE_MAX = 256
 #: Methods that treat ``A`` as symmetric (the operator is tagged so on the caller's word).
 _SYMMETRIC = {"cg", "minres"}
 
@@ -122,6 +124,32 @@ class LinearSolver:
     def __call__(self, op: LinearOperator, b: Tensor) -> Tensor:
         """Solve ``op x = b`` (``b`` of shape ``(n,)`` or ``(n, k)``), record and check the outcome."""
         res = linalg.solve(op, b, self.method, **self.options)
+        self.last = res
+        self.check(res)
+        return res.x
+
+    def factors(self, n: int) -> bool:
+        """This solver factors an ``n``-by-``n`` system densely (``"dense"``, or ``"auto"`` with a small ``n``).
+
+        The callers then form ``A`` (with ``B``) in one batched pass themselves and hand
+        :func:`curvlab.linalg.solve` the matrix: the same method, one backward pass fewer.
+        """
+        if self.user or self.options.get("M") is not None:
+            return False
+        if self.name == "dense":
+            return True
+        if self.name != "auto":
+            return False
+        limit = self.options.get("dense_max", _AUTO_DENSE_MAX)
+        return isinstance(limit, int) and not isinstance(limit, bool) and n <= limit
+
+    def solve_matrix(self, A: Tensor, b: Tensor, symmetric: bool) -> Tensor:
+        """Solve with the dense matrix ``A`` (formed by the caller with ``n`` products), record and check."""
+        options = self.options
+        if symmetric and options.get("symmetric") is None:
+            options = {**options, "symmetric": True}
+        res = linalg.solve(A, b, self.method, **options)
+        res.n_matvecs = A.shape[0]  # the n products of the batched pass that formed A
         self.last = res
         self.check(res)
         return res.x

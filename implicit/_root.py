@@ -226,6 +226,27 @@ def _operator(rec: Recorded, linear: LinearSolver, transpose: bool) -> MatvecOpe
     return MatvecOperator(mv, rec.n, F.dtype, F.device, matmat=mm, rmatvec=rmv, symmetric=linear.symmetric)
 
 
+def _recorded_vjp(rec: Recorded, linear: LinearSolver, v: Tensor, idx: list[int]) -> list[Tensor]:
+    r""":math:`-B^\top A^{-\top} v` for ``theta[idx]`` on a recorded ``F`` (``v``: ``(n,)`` or ``(n, k)``).
+
+    When the solve factors a small system, :math:`A` and :math:`B` come from one
+    batched backward pass (:meth:`Recorded.jacobian`) and :math:`B^\top u` is a
+    matrix product; otherwise :math:`A^\top` is an operator of backward passes and
+    :math:`B^\top u` one more.
+    """
+    if linear.factors(rec.n):
+        jac = rec.jacobian(idx)
+        if jac is not None:
+            A, rows = jac
+            u = linear.solve_matrix(A.T, v, linear.symmetric)
+            n = rec.n
+            if u.ndim == 1:
+                return [-(u @ r.reshape(n, -1)).reshape(r.shape[1:]) for r in rows]
+            return [-(u.T @ r.reshape(n, -1)).reshape(u.shape[1], *r.shape[1:]) for r in rows]
+    u = linear(_operator(rec, linear, transpose=True), v)
+    return rec.bt(u, idx)
+
+
 def _warn_residual(res: KrylovResult | None, fnorm: float | None, ynorm: float, what: str, hint: str = "") -> None:
     """Warn (:class:`OptimalityWarning`) when ``y`` is far from a root: ``‖F‖ / (‖A‖ ‖y‖)`` above the threshold."""
     if res is None or fnorm is None or not math.isfinite(fnorm) or fnorm == 0.0:
@@ -357,9 +378,9 @@ class _RootProblem:
         """``-Bᵀ A⁻ᵀ v`` for ``theta[idx]`` (``v``: ``(n,)`` or ``(n, k)``; results ``(k, *shape)`` for a block)."""
         rec, linear = self.rec, self.root.linear
         assert rec is not None
-        u = linear(_operator(rec, linear, transpose=True), v)
+        grads = _recorded_vjp(rec, linear, v, idx)
         _warn_residual(linear.last, self.residual, self.y_norm, self.root.solver_name)
-        return rec.bt(u, idx)
+        return grads
 
     def fast_jvp(self, tangents: Sequence[Tensor | None]) -> Tensor:
         """``-A⁻¹ B θ̇`` (flat) for tangents aligned with theta."""
@@ -491,6 +512,10 @@ class _Root(Function):
         return stacked, (0,) * len(stacked)
 
 
+#: ``torch._C._FunctionBase.apply`` bound to ``_Root`` (what ``Function.apply`` calls outside transforms).
+_APPLY = super(Function, _Root).apply
+
+
 def _is_transformed(t: Tensor) -> bool:
     """``t`` is being traced by a ``torch.func`` transform (grad, vmap, jvp)."""
     try:
@@ -531,6 +556,7 @@ class _CustomRoot:
         self._solver_sig = _signature(solver)
         self._opt_sig = _signature(optimality_fn)
         self._last_residual: float | None = None
+        self._bound: set[Any] = set()  # call shapes whose signatures were checked (see _check_signatures)
 
     @property
     def last_solve(self) -> KrylovResult | None:
@@ -543,6 +569,15 @@ class _CustomRoot:
         return self._last_residual
 
     def _check_signatures(self, init: Any, args: tuple, kwargs: dict) -> None:
+        # whether a call binds depends only on how many positional arguments and which keywords it has
+        key = (len(args), tuple(kwargs)) if kwargs else len(args)
+        if key in self._bound:
+            return
+        self._check_binds(init, args, kwargs)
+        if len(self._bound) < 64:
+            self._bound.add(key)
+
+    def _check_binds(self, init: Any, args: tuple, kwargs: dict) -> None:
         if self._solver_sig is not None:
             try:
                 self._solver_sig.bind(init, *args, **kwargs)
@@ -574,7 +609,11 @@ class _CustomRoot:
             or torch.autograd.forward_ad._current_level >= 0
             or any(_is_transformed(t) for t in arguments.tensors)
         )
-        if tracked:
+        if tracked and not functorch_active() and not any(_is_transformed(t) for t in arguments.tensors):
+            # plain autograd: torch's Function.apply would re-bind forward's signature and unwrap functorch
+            # wrappers on every call; neither applies here, so enter the C++ apply directly
+            outs = _APPLY(problem, *arguments.tensors)
+        elif tracked:
             outs = _Root.apply(problem, *arguments.tensors)
         else:  # nothing to differentiate: just compute (as every torch function does)
             outs = problem.run(arguments.tensors)
@@ -887,9 +926,8 @@ def root_vjp(
             rec, ours = _record(fun, y, th, [t.is_floating_point() for t in th])
             _check_closure(fun, rec.F, ours)
             linear = system.solver
-            u = linear(_operator(rec, linear, transpose=True), v)
+            grads = _recorded_vjp(rec, linear, v, idx)
             _warn_residual(linear.last, float(rec.F.detach().norm()), float(flat_cat(y).norm()), "root_vjp")
-            grads = rec.bt(u, idx)
         else:
             grads = _ift_vjp(system, fun, y, th, v, idx)
         for i, g in zip(idx, grads):

@@ -201,6 +201,10 @@ def _operator(A: Any, b: Tensor, symmetric: bool | None, needs_symmetry: bool, w
         op = check_operator(
             A, n=n, dtype=b.dtype, device=b.device, symmetric=bool(symmetric or needs_symmetry), what=what
         )
+    elif isinstance(A, Tensor) and symmetric is True and not needs_symmetry:
+        if A.ndim != 2 or A.shape[0] != A.shape[1] or not A.is_floating_point():
+            op = check_operator(A, what=what)  # raises the one operator check's error
+        op = DenseOperator(A, symmetric=True)  # on the caller's word, as for a callable (no numerical test)
     else:
         op = check_operator(A, symmetric=needs_symmetry, what=what)
     if op.shape[0] != n:
@@ -317,6 +321,7 @@ def _dense(
         kind = "lstsq"
         X = torch.linalg.lstsq(Ad, B, driver="gelsd" if Ad.device.type == "cpu" else None).solution
         refine = 0
+        rnorm = _colnorm(B - Ad @ X)
     else:
         X = factor(B)
         refine = 0
@@ -325,7 +330,7 @@ def _dense(
         if bool((rnorm > thresh).any()) and bool(torch.isfinite(rnorm).all()):
             X = X + factor(R)  # one step of fixed-precision iterative refinement
             refine = 1
-    rnorm = _colnorm(B - Ad @ X)
+            rnorm = _colnorm(B - Ad @ X)
     conv = rnorm <= thresh
     status = None
     if not bool(conv.all()) and bool(torch.isfinite(X).all()):
