@@ -21,8 +21,10 @@ eager), torchopt, and a hypergradient written out by hand in eager torch
 closed-form Hessian-vector product for (b)).
 The exact hypergradient -(λ ⊙ w*) ⊙ H⁻¹ ∇_w f is computed densely for (a) and
 by the Woodbury identity for (b), in float64. All computations are float64
-on CPU; threads are pinned (default 1) for every library so that runs on a
-shared machine are comparable.
+on CPU; the process is pinned to ``--threads`` CPUs (default 1) and every library
+to as many threads, so that runs on a shared machine are comparable. Each
+contestant is timed warm: the median of many single calls, in interleaved
+rounds (see ``time_interleaved``).
 
 Run:  python benchmarks/hypergradient.py [--threads 1] [--repeats 7] [--skip-large] [--profile]
 
@@ -57,6 +59,12 @@ def parse() -> argparse.Namespace:
 
 
 ARGS = parse()
+# Pin the process to ARGS.threads CPUs: XLA:CPU runs large dots on its own thread pool whatever
+# --xla_cpu_multi_thread_eigen says (measured: jitted jaxopt 2.0x faster on (b) with a second idle core), so
+# thread settings alone do not give every library the same hardware.
+if hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, _cpus[: max(1, ARGS.threads)])
 os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if ARGS.threads > 1 else 'false'}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
@@ -448,9 +456,10 @@ def markdown(title: str, rows: list[tuple[str, float, float, str]]) -> str:
 
 
 def main() -> None:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     print(
         f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"threads={ARGS.threads}; {versions()}"
+        f"threads={ARGS.threads}, pinned to CPUs {cpus}; {versions()}"
     )
     problems = [breast_cancer_problem()] + ([] if ARGS.skip_large else [synthetic_problem()])
     tables = [markdown(P["name"], run_problem(P)) for P in problems]

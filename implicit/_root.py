@@ -56,6 +56,7 @@ from ._tree import Arguments, flat_cat, split_like
 __all__ = ["OptimalityWarning", "custom_fixed_point", "custom_root", "root_jvp", "root_vjp"]
 
 _TENSOR = object()  # placeholder for a tensor leaf of aux
+_LEAF = tree_flatten(torch.zeros(()))[1]  # the structure of a single tensor
 
 
 class OptimalityWarning(UserWarning):
@@ -102,15 +103,21 @@ class _Optimality:
         self.fn, self.arguments, self.y_def, self.n, self.name = fn, arguments, y_def, n, name
 
     def __call__(self, y_leaves: Sequence[Tensor], theta: Sequence[Tensor]) -> Tensor:
-        y = tree_unflatten(list(y_leaves), self.y_def)
+        y = y_leaves[0] if self.y_def is _LEAF else tree_unflatten(list(y_leaves), self.y_def)
         try:
-            with self.arguments.theta(theta) as (args, kwargs):
-                out = self.fn(y, *args, **kwargs)
+            plain = self.arguments.plain_theta(theta)
+            if plain is not None:
+                out = self.fn(y, *plain[0])
+            else:
+                with self.arguments.theta(theta) as (args, kwargs):
+                    out = self.fn(y, *args, **kwargs)
         except RuntimeError as e:
             msg = str(e)
             if any(k in msg for k in _AUTOGRAD_GRAD_ERRORS):
                 raise _autograd_grad_hint(self.name, e) from e
             raise
+        if isinstance(out, Tensor) and out.ndim == 1 and out.shape[0] == self.n:
+            return out
         leaves = tree_flatten(out)[0]
         if not leaves or not all(isinstance(t, Tensor) for t in leaves):
             raise TypeError(

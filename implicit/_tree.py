@@ -66,6 +66,13 @@ class Arguments:
                 self._slots.append(("c", leaf))
         self.tensors: list[Tensor] = init_tensors + theta_tensors
         self.n_theta = len(theta_tensors)
+        # positional leaves only, no module: (args, kwargs) are rebuilt without pytree or a context stack
+        self._flat_args = (
+            not kwargs
+            and all(kind != "m" for kind, _ in self._slots)
+            and len(theta_leaves) == len(args)
+            and all(a is leaf for a, leaf in zip(args, theta_leaves))
+        )
 
     # ------------------------------------------------------------------ #
     def init(self, init_tensors: Sequence[Tensor]) -> Any:
@@ -73,6 +80,13 @@ class Arguments:
         it = iter(init_tensors)
         leaves = [next(it) if leaf is _TENSOR else leaf for leaf in self._init_leaves]
         return tree_unflatten(leaves, self._init_def)
+
+    def plain_theta(self, theta_tensors: Sequence[Tensor]) -> tuple[tuple, dict] | None:
+        """``(args, kwargs)`` from ``theta_tensors`` when no module needs re-parametrising, else ``None``."""
+        if not self._flat_args:
+            return None
+        it = iter(theta_tensors)
+        return tuple(next(it) if kind == "t" else value for kind, value in self._slots), {}
 
     @contextlib.contextmanager
     def theta(self, theta_tensors: Sequence[Tensor]) -> Iterator[tuple[tuple, dict]]:

@@ -282,3 +282,15 @@ def test_status_vocabulary() -> None:
     assert nan.status in (Status.NAN, Status.BREAKDOWN) and not nan.converged
     for method in METHODS + ["neumann"]:
         assert isinstance(solve(A, b, method, **({"K": 3} if method == "neumann" else {})).status, Status)
+
+
+def test_dense_tensor_with_symmetric_word_factors_by_cholesky_and_still_checks_shape() -> None:
+    g = torch.Generator().manual_seed(5)
+    Q = torch.randn(9, 9, generator=g, dtype=torch.float64)
+    A = Q @ Q.T + 9 * torch.eye(9, dtype=torch.float64)
+    b = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    res = solve(A, b, symmetric=True)
+    assert res.method == "dense" and res.info["factorization"] == "cholesky" and res.converged
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="square"):
+        solve(torch.ones(3, 4, dtype=torch.float64), b[:3], symmetric=True)
