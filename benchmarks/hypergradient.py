@@ -424,18 +424,19 @@ def profile(fn: Callable[[], np.ndarray], calls: int = 200) -> None:
     total = st.total_tt
     pieces = {
         "custom_root call (forward: solver, F recorded once)": "_root.py:__call__",
-        "  of which: F evaluated and recorded": "_record",
-        "  of which: closure check (graph walk)": "_check_closure",
+        "  of which: F evaluated and recorded": ":_record",
+        "  of which: closure check (graph walk)": ":_check_closure",
         "IFT backward (Function.backward)": "_root.py:backward",
-        "  of which: A and B by one batched backward": "jacobian",
-        "  of which: factor + solve (curvlab.linalg.solve)": "solve.py:solve",
-        "  of which: Krylov products (large n)": "matvec",
+        "  of which: A and B by one batched backward": ":jacobian",
+        "  of which: factor + solve (curvlab.linalg.solve)": "linalg/solve.py:solve",
+        "  of which: Krylov products (large n)": ":matvec",
         "  of which: Bᵀu by one backward (large n)": ":bt",
     }
     print(f"  profile of {calls} calls ({total / calls * 1e3:.2f} ms each under cProfile; the rest is the")
     print("  benchmark's outer loss, its backward through the autograd engine, and NumPy conversion):")
     for label, key in pieces.items():
-        cum = max((v[3] for k, v in st.stats.items() if key in f"{k[0]}:{k[2]}"), default=0.0)
+        file, _, func = key.rpartition(":")  # "file.py:function" or ":function": that function exactly
+        cum = max((v[3] for k, v in st.stats.items() if k[0].endswith(file) and k[2] == func), default=0.0)
         print(f"    {label:45s} {100 * cum / total:5.1f} %")
 
 
