@@ -415,6 +415,9 @@ def profile(fn: Callable[[], np.ndarray], calls: int = 200) -> None:
     import cProfile
     import pstats
 
+    t0 = time.perf_counter()
+    fn()
+    calls = max(3, min(calls, int(5.0 / max(time.perf_counter() - t0, 1e-9))))  # about 5 s of profiling
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(calls):
