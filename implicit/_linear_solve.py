@@ -146,8 +146,8 @@ class LinearSolver:
     def solve_matrix(self, A: Tensor, b: Tensor, symmetric: bool) -> Tensor:
         """Solve with the dense matrix ``A`` (formed by the caller with ``n`` products), record and check."""
         options = self.options
-        if symmetric and options.get("symmetric") is None:
-            options = {**options, "symmetric": True}
+        if options.get("symmetric") is None:  # symmetric only when known: Cholesky, else LU (no numerical test)
+            options = {**options, "symmetric": bool(symmetric)}
         res = linalg.solve(A, b, self.method, **options)
         res.n_matvecs = A.shape[0]  # the n products of the batched pass that formed A
         self.last = res

@@ -122,8 +122,9 @@ def solve(
         damping: :math:`\lambda \ge 0`, added to the diagonal (``ridge``, ``shift``
             elsewhere: one name here).
         **options: method options —
-            ``symmetric`` (``True``/``False``: the symmetry of a callable or untagged
-            operator, for ``"auto"``'s choice and for ``"dense"``'s factorisation);
+            ``symmetric`` (``True``/``False``: the symmetry of a callable, untagged
+            operator or dense tensor — taken on the caller's word, no numerical
+            test — for ``"auto"``'s choice and for ``"dense"``'s factorisation);
             ``check_every`` (cg, minres, normal_cg: host syncs);
             ``callback`` (cg); ``restart`` (gmres);
             ``dense_max`` (auto: largest ``n`` materialised, default 256);
@@ -201,10 +202,10 @@ def _operator(A: Any, b: Tensor, symmetric: bool | None, needs_symmetry: bool, w
         op = check_operator(
             A, n=n, dtype=b.dtype, device=b.device, symmetric=bool(symmetric or needs_symmetry), what=what
         )
-    elif isinstance(A, Tensor) and symmetric is True and not needs_symmetry:
+    elif isinstance(A, Tensor) and symmetric is not None and not needs_symmetry:
         if A.ndim != 2 or A.shape[0] != A.shape[1] or not A.is_floating_point():
             op = check_operator(A, what=what)  # raises the one operator check's error
-        op = DenseOperator(A, symmetric=True)  # on the caller's word, as for a callable (no numerical test)
+        op = DenseOperator(A, symmetric=symmetric)  # on the caller's word, as for a callable (no numerical test)
     else:
         op = check_operator(A, symmetric=needs_symmetry, what=what)
     if op.shape[0] != n:

@@ -292,5 +292,9 @@ def test_dense_tensor_with_symmetric_word_factors_by_cholesky_and_still_checks_s
     res = solve(A, b, symmetric=True)
     assert res.method == "dense" and res.info["factorization"] == "cholesky" and res.converged
     torch.testing.assert_close(res.x, torch.linalg.solve(A, b), rtol=1e-12, atol=1e-14)
+    lu = solve(A, b, symmetric=False)  # the caller's word again: LU, same solution
+    assert lu.info["factorization"] == "lu" and lu.converged
+    torch.testing.assert_close(lu.x, res.x, rtol=1e-12, atol=1e-14)
+    assert solve(A, b).info["factorization"] == "cholesky"  # no word: tested numerically
     with pytest.raises(ValueError, match="square"):
         solve(torch.ones(3, 4, dtype=torch.float64), b[:3], symmetric=True)
