@@ -223,6 +223,10 @@ class AID(BilevelSolver):
         }
 
     # ------------------------------------------------------------------ contract
+    def default_rtol(self, problem: BilevelProblem) -> float:
+        """Relative hypergradient tolerance of the default stop rule (tight: exact hypergradients)."""
+        return 1e-8
+
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         self.check_problem(problem)
         self._check(problem)

@@ -90,6 +90,10 @@ class ITD(BilevelSolver):
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"ITD.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
+    def default_rtol(self, problem: BilevelProblem) -> float:
+        """Relative hypergradient tolerance of the default stop rule (tight: exact hypergradients)."""
+        return 1e-8
+
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         state = base_state(problem, adam_m=None, adam_v=None, adam_t=0)
         set_inner_lr(problem, state, self.inner_lr)
