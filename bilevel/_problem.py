@@ -148,6 +148,8 @@ class BilevelProblem:
             raise ValueError(f"x0 and y0 must share one dtype, got {self.xspec.dtype} and {self.yspec.dtype}")
         self.x0 = self.xspec.flatten()
         self.y0 = self.yspec.flatten()
+        # the ModuleStates of module variables (curvlab.params contract: buffers as functional inputs)
+        self._scopes = [s.state for s in (self.xspec, self.yspec) if s.state.module is not None]
         self.dx = self.xspec.size
         self.dy = self.yspec.size
         self.dtype = self.xspec.dtype
@@ -204,7 +206,12 @@ class BilevelProblem:
         self, fn: Callable[..., Tensor], name: str, x: Tensor, y: Tensor, batch: Batch, weight: float = 1.0
     ) -> Tensor:
         """``weight * fn(x, y, batch)`` as a 0-d tensor (no extra graph nodes for plain 1-D tensors, weight 1)."""
-        out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
+        scopes = self._scopes
+        if scopes:  # nn.Module x / y: run on the snapshot of their buffers (the user's module is never written)
+            with scopes[0].scope(), scopes[-1].scope():
+                out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
+        else:
+            out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise ValueError(
                 f"{name}(x, y, batch) must return a scalar tensor, got {getattr(out, 'shape', type(out).__name__)}"

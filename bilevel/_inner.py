@@ -1,0 +1,402 @@
+r"""The one lower-level solve of :mod:`bilevel`: :func:`solve_inner` and :func:`inner_step_size`.
+
+Every bilevel solver needs :math:`y^*(x) = \arg\min_y g(x, y)` at some point: the composition
+(IFT / AID) before each hypergradient, the single-loop methods (F2SA, BO-REP, LV-HBA) for the
+honest :attr:`BilevelResult.y` at the returned ``x``, and :meth:`BilevelProblem.value` for
+:math:`F(x) = f(x, y^*(x))`. They all call :func:`solve_inner`, which runs a :mod:`curvlab`
+solver on the single-level problem ``curvlab.Minimize(y -> g(x, y, batch), y0)``:
+
+* deterministic objective (``batch=ALL`` or one fixed batch), no ``y_set``: line-search
+  Newton-CG (:class:`curvlab.solvers.NewtonCG`, Nocedal & Wright 2006, Alg. 7.1) — quadratic
+  convergence, scale-free (no step size to tune), negative curvature handled as Steihaug;
+* a ``y_set`` (or ``solver="gd"``): projected gradient steps
+  :math:`y \leftarrow \Pi_Y(y - \eta \nabla_y g)` with :math:`\eta = 1/L` from
+  :func:`inner_step_size` (an HVP power iteration), halved whenever ``g`` fails to decrease;
+* any :class:`curvlab.solvers.Solver` instance given as ``solver`` (e.g. ``GradientDescent``,
+  ``Adam`` for a stochastic-looking objective), run through its ``solve``.
+
+Tolerance (dtype-aware and reachable). The test is :math:`\|\nabla_y g\| \le \tau` with
+
+.. math::
+    \tau = \max(\text{tol},\ \text{rtol}\cdot s,\ 10\,\varepsilon\, s),
+
+``s`` the *scale*: the gradient norm at the start of the first solve (pass ``scale=`` from a
+previous :class:`InnerResult` to keep one reference across warm-started outer steps; by default
+the larger of the gradient norms at ``y0`` and at the problem's ``y0``, so a warm start near the
+solution does not tighten the test). ``rtol`` defaults to :func:`default_inner_rtol`:
+:math:`\varepsilon^{2/3}` in float64 (3.7e-11, as :func:`curvlab.linalg.default_tol`; Newton gets
+there in a step or two) and :math:`\sqrt{\varepsilon}` in float32 and below (3.45e-4: a float32
+gradient of a network cannot be resolved much further). A Newton step whose line search finds
+no resolvable decrease (:class:`curvlab.solvers.Armijo`'s precision limit) ends the solve; it
+counts as converged only when :math:`\|\nabla_y g\| \le \sqrt{\varepsilon}\, s` (else
+``status="stalled"``).
+
+Cost. The iteration cap scales with the problem: 100 Newton iterations (each with at most
+``min(250, 2 dy + 10)`` CG products), or :math:`\min(20000, \max(1000, 100\, d_y))` gradient
+steps; ``deadline`` (a :func:`time.perf_counter` value) stops the solve with
+``status="time_limit"`` and what it has.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab import Minimize
+from curvlab.checks import check_int, is_number
+from curvlab.problems import ALL
+from curvlab.solvers import NewtonCG, Solver
+from curvlab.status import Status
+
+from ._problem import BilevelProblem
+
+__all__ = [
+    "InnerResult",
+    "InnerSolveWarning",
+    "solve_inner",
+    "inner_step_size",
+    "inner_lipschitz",
+    "default_inner_rtol",
+]
+
+
+class InnerSolveWarning(UserWarning):
+    """The lower-level solve did not reach its tolerance (see :class:`InnerResult`'s ``status``/``message``)."""
+
+
+@dataclass
+class InnerResult:
+    r"""What :func:`solve_inner` returns.
+
+    Attributes:
+        y: the lower-level iterate (flat, detached; never the caller's tensor).
+        grad_norm: :math:`\|\nabla_y g(x, y)\|` at ``y`` (the projected-gradient mapping norm with a ``y_set``).
+        converged: whether the tolerance ``tol`` was met (see the module docstring).
+        n_iter: iterations of the inner solver (Newton or gradient steps).
+        grads: gradient oracle calls (of ``g``) spent.
+        hvps: Hessian-vector products spent.
+        status: a :class:`curvlab.Status`: ``"converged"``, ``"max_iter"``, ``"time_limit"``,
+            ``"nan"`` (``y`` is then the last finite iterate), ``"stalled"``, ``"callback"``, ...
+        value: :math:`g(x, y)` at ``y``.
+        tol: the absolute gradient-norm tolerance that was used.
+        scale: the reference gradient norm ``s`` (pass it as ``scale=`` to the next warm-started solve).
+        message: a sentence on why the solve stopped.
+        values: extra objective evaluations (line-search trials).
+    """
+
+    y: Tensor
+    grad_norm: float
+    converged: bool
+    n_iter: int
+    grads: int
+    hvps: int
+    status: Status
+    value: float = math.nan
+    tol: float = math.nan
+    scale: float = math.nan
+    message: str = ""
+    values: int = 0
+
+
+def default_inner_rtol(dtype: torch.dtype) -> float:
+    r"""Default relative tolerance of :func:`solve_inner`.
+
+    :math:`\varepsilon^{2/3}` in float64 (3.7e-11), else :math:`\sqrt\varepsilon` (3.45e-4 in float32).
+    """
+    eps = torch.finfo(dtype).eps
+    return eps ** (2.0 / 3.0) if eps < 1e-10 else math.sqrt(eps)
+
+
+def _gnorm(problem: BilevelProblem, x: Tensor, y: Tensor, batch: Any) -> tuple[float, Tensor, Tensor]:
+    v, _, gy = problem._value_grads("inner", x, y, batch, want_x=False)
+    return float(torch.linalg.vector_norm(gy)), gy, v  # type: ignore[arg-type]
+
+
+def inner_lipschitz(
+    problem: BilevelProblem, x: Tensor, y: Tensor, batch: Any = ALL, *, iters: int = 20, seed: int = 0
+) -> tuple[float, int]:
+    r"""The largest eigenvalue (in magnitude) of :math:`\nabla^2_{yy} g(x, y)` by power iteration.
+
+    The one power iteration of :mod:`bilevel`: ``iters`` products with
+    :meth:`BilevelProblem.hvp_yy_operator` (one gradient graph, reused) from a seeded random
+    start; the Rayleigh quotient of the last iterate, stopped early once it changes by less than
+    1e-3 relatively. The estimate is a lower bound of :math:`\lambda_{\max}` (as every Krylov
+    estimate); callers that step by ``1/L`` guard against the rest (a backtracking halving).
+
+    Args:
+        problem: the bilevel problem.
+        x, y: flat points.
+        batch: ``ALL`` or one inner batch.
+        iters: maximum power iterations (>= 1).
+        seed: seed of the random start vector (fixed: the estimate is reproducible).
+
+    Returns:
+        ``(L, n_hvps)`` with ``L > 0`` (floored at the smallest normal number of the dtype).
+
+    Raises:
+        ValueError: ``iters`` not an integer >= 1.
+    """
+    check_int(iters, "iters", minimum=1)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    v = torch.randn(problem.dy, generator=gen, dtype=problem.dtype).to(problem.device)
+    v = v / torch.linalg.vector_norm(v)
+    matvec = problem.hvp_yy_operator(x, y, batch)
+    lam, n = 0.0, 0
+    for _ in range(iters):
+        hv = matvec(v)
+        n += 1
+        new = float(v @ hv)
+        nrm = torch.linalg.vector_norm(hv)
+        if not math.isfinite(new) or not torch.isfinite(nrm) or nrm == 0:
+            break
+        done = n > 3 and abs(abs(new) - abs(lam)) <= 1e-3 * abs(new)
+        lam = new
+        v = hv / nrm
+        if done:
+            break
+    return max(abs(lam), torch.finfo(problem.dtype).tiny), n
+
+
+def inner_step_size(problem: BilevelProblem, x: Tensor, y: Tensor, batch: Any = ALL) -> float:
+    r"""The inner gradient step :math:`1/L`, :math:`L` the top eigenvalue of :math:`\nabla^2_{yy} g`.
+
+    :math:`L` comes from :func:`inner_lipschitz` (the one power iteration).
+
+    Args:
+        problem: the bilevel problem.
+        x, y: flat points.
+        batch: ``ALL`` or one inner batch (refresh it over batches for a stochastic problem).
+
+    Returns:
+        ``1 / L`` (a float). The products spent are those of :func:`inner_lipschitz` (at most 20).
+    """
+    return 1.0 / inner_lipschitz(problem, x, y, batch)[0]
+
+
+def _check_args(problem: Any, x: Any, y0: Any, tol: Any, rtol: Any, max_iter: Any, deadline: Any, scale: Any) -> None:
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
+    for t, name, n in ((x, "x", problem.dx), (y0, "y0", problem.dy)):
+        if t is None and name == "y0":
+            continue
+        if not isinstance(t, Tensor) or t.shape != (n,):
+            raise ValueError(
+                f"{name} must be a flat tensor of shape ({n},), got {getattr(t, 'shape', type(t).__name__)}"
+            )
+    for v, name in ((tol, "tol"), (rtol, "rtol"), (scale, "scale")):
+        if v is not None and not (is_number(v) and v >= 0 and not math.isnan(v)):
+            raise ValueError(f"{name} must be a number >= 0 or None, got {v!r}")
+    if max_iter is not None:
+        check_int(max_iter, "max_iter", minimum=1)
+    if deadline is not None and not is_number(deadline):
+        raise ValueError(f"deadline must be a time.perf_counter() value or None, got {deadline!r}")
+
+
+def solve_inner(
+    problem: BilevelProblem,
+    x: Tensor,
+    y0: Tensor | None = None,
+    *,
+    batch: Any = ALL,
+    tol: float | None = None,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+    solver: Solver | str | None = None,
+    deadline: float | None = None,
+    scale: float | None = None,
+    callback: Any = None,
+) -> InnerResult:
+    r"""Minimise :math:`g(x, \cdot)` from the warm start ``y0`` (see the module docstring for the rules).
+
+    Args:
+        problem: the bilevel problem.
+        x: flat upper-level point (not modified).
+        y0: flat warm start (not modified); ``None``: ``problem.y0``.
+        batch: ``ALL`` (the whole inner data, the default) or one inner batch.
+        tol: absolute gradient-norm tolerance (``None``: only the relative one).
+        rtol: tolerance relative to ``scale`` (``None``: :func:`default_inner_rtol`, unless ``tol`` is given).
+        max_iter: iteration cap (``None``: scales with the problem, see the module docstring).
+        solver: ``None`` / ``"newton"`` (Newton-CG; projected gradient steps with a ``y_set``),
+            ``"gd"`` (projected gradient steps with step ``1/L``), or any :class:`curvlab.solvers.Solver`
+            (not with a ``y_set``).
+        deadline: a :func:`time.perf_counter` value after which the solve returns what it has
+            (``status="time_limit"``).
+        scale: reference gradient norm of the relative test (see the module docstring).
+        callback: ``callback(state) -> bool | None`` after each inner iteration (a curvlab solver
+            state); ``True`` stops with ``status="callback"``.
+
+    Returns:
+        An :class:`InnerResult`.
+
+    Raises:
+        TypeError: ``problem`` not a :class:`BilevelProblem`, ``solver`` of the wrong type.
+        ValueError: wrong shapes of ``x`` / ``y0``, negative tolerances, a bad ``max_iter`` or
+            ``deadline``, a curvlab ``solver`` with a ``y_set``.
+    """
+    _check_args(problem, x, y0, tol, rtol, max_iter, deadline, scale)
+    if solver is not None and not isinstance(solver, (Solver, str)):
+        raise TypeError(f"solver must be None, 'newton', 'gd' or a curvlab.solvers.Solver, got {type(solver).__name__}")
+    if isinstance(solver, str) and solver not in ("newton", "gd"):
+        raise ValueError(f"solver must be None, 'newton', 'gd' or a curvlab.solvers.Solver, got {solver!r}")
+    if isinstance(solver, Solver) and problem.y_set is not None:
+        raise ValueError("a curvlab solver cannot keep y in problem.y_set; use solver=None or 'gd' (projected steps)")
+    xd = x.detach()
+    y = (problem.y0 if y0 is None else y0).detach().clone()
+    if problem.y_set is not None:
+        y = problem.project_y(y)
+    eps = torch.finfo(problem.dtype).eps
+    grads = 0
+    if scale is None:
+        scale, _, _ = _gnorm(problem, xd, y, batch)
+        grads += 1
+        if y0 is not None and not torch.equal(y, problem.y0):
+            s2, _, _ = _gnorm(problem, xd, problem.y0, batch)
+            grads += 1
+            if math.isfinite(s2):
+                scale = max(scale, s2)
+    scale = float(scale) if math.isfinite(scale) else 0.0
+    if rtol is None and tol is None:
+        rtol = default_inner_rtol(problem.dtype)
+    atol = max(float(tol or 0.0), float(rtol or 0.0) * scale, 10.0 * eps * scale)
+    reach = max(atol, math.sqrt(eps) * scale)
+    gd = solver == "gd" or (solver in (None, "newton") and problem.y_set is not None)
+    if gd:
+        res = _projected_gd(problem, xd, y, batch, atol, reach, max_iter, deadline, callback)
+    else:
+        res = _with_solver(problem, xd, y, batch, atol, reach, max_iter, solver, deadline, callback)
+    res.grads += grads
+    res.tol, res.scale = atol, scale
+    return res
+
+
+def _with_solver(
+    problem: BilevelProblem,
+    x: Tensor,
+    y: Tensor,
+    batch: Any,
+    atol: float,
+    reach: float,
+    max_iter: int | None,
+    solver: Solver | str | None,
+    deadline: float | None,
+    callback: Any,
+) -> InnerResult:
+    dy = problem.dy
+    if not isinstance(solver, Solver):
+        solver = NewtonCG(cg_maxiter=min(250, 2 * dy + 10))
+        cap = 100
+    else:
+        cap = min(20000, max(1000, 100 * dy))
+    cap = cap if max_iter is None else int(max_iter)
+    left = None if deadline is None else deadline - time.perf_counter()
+    inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
+    if left is not None and left <= 0:
+        gn, _, v = _gnorm(problem, x, y, batch)
+        ok = gn <= atol
+        st = Status.CONVERGED if ok else Status.TIME_LIMIT
+        return InnerResult(y, gn, ok, 0, 2, 0, st, float(v), message="deadline passed before the inner solve")
+    r = solver.solve(inner, max_iter=cap, tol=atol, time_limit=left, callback=callback)
+    st_ = r.state or {}
+    yk = r.flat.detach().reshape(-1).to(problem.dtype)
+    gn = float(st_.get("grad_norm", math.nan))
+    status = Status.of(r.status)
+    message = r.message
+    converged = math.isfinite(gn) and gn <= atol
+    if status == Status.CONVERGED and not converged:
+        if math.isfinite(gn) and gn <= reach:
+            converged = True  # the limit of precision, within what the dtype can reach
+        else:
+            status = Status.STALLED
+            message = f"{message}; ‖∇_y g‖ = {gn:.3g} is above the reachable {reach:.3g}"
+    elif converged:
+        status = Status.CONVERGED
+    grads = int(r.n_iter) + 2  # the Minimize check + every accepted point
+    return InnerResult(
+        yk,
+        gn,
+        converged,
+        int(r.n_iter),
+        grads,
+        int(st_.get("matvecs", 0)),
+        status,
+        float(r.value),
+        message=message,
+    )
+
+
+def _projected_gd(
+    problem: BilevelProblem,
+    x: Tensor,
+    y: Tensor,
+    batch: Any,
+    atol: float,
+    reach: float,
+    max_iter: int | None,
+    deadline: float | None,
+    callback: Any,
+) -> InnerResult:
+    cap = min(20000, max(1000, 100 * problem.dy)) if max_iter is None else int(max_iter)
+    L, hvps = inner_lipschitz(problem, x, y, batch)
+    lr = 1.0 / L
+    eps = torch.finfo(problem.dtype).eps
+    grads, values, it = 0, 0, 0
+    v, _, gy = problem._value_grads("inner", x, y, batch, want_x=False)
+    grads += 1
+    status, message = Status.MAX_ITER, f"reached max_iter={cap}"
+    gm = math.nan
+    best: tuple[float, Tensor, Tensor, Tensor] = (math.inf, y, v, gy)
+    while True:
+        if not (torch.isfinite(v) and bool(torch.isfinite(gy).all())):
+            status, message = Status.NAN, "non-finite inner value or gradient; returning the last finite y"
+            break
+        yn = problem.project_y(y - lr * gy)
+        gm = float(torch.linalg.vector_norm(yn - y)) / lr  # the gradient mapping (= ‖∇g‖ without a set)
+        if gm <= atol:
+            status, message = Status.CONVERGED, f"gradient mapping norm {gm:.3g} <= tol {atol:.3g}"
+            break
+        if it >= cap:
+            break
+        if deadline is not None and time.perf_counter() >= deadline:
+            status, message = Status.TIME_LIMIT, "deadline reached"
+            break
+        t = lr
+        for _ in range(40):  # sufficient decrease g(y+) <= g(y) - 1e-4 ‖y+ - y‖² / t, halving t (L is a lower bound)
+            vn = problem.g(x, yn, batch)
+            values += 1
+            dec = 1e-4 * float(torch.linalg.vector_norm(yn - y)) ** 2 / t
+            if torch.isfinite(vn) and float(vn) <= float(v) - dec:
+                break
+            if torch.isfinite(vn) and dec < 4 * eps * abs(float(v)):
+                break  # the decrease is below the rounding noise of g: take the step, the gradient guard watches
+            t *= 0.5
+            yn = problem.project_y(y - t * gy)
+        else:
+            t = 0.0
+        if t == 0.0:
+            ok = gm <= reach
+            status = Status.CONVERGED if ok else Status.STALLED
+            message = f"no decrease of g along the projected gradient (gradient mapping {gm:.3g})"
+            break
+        if gm < best[0]:
+            best = (gm, y, v, gy)
+        elif gm > 10 * best[0]:  # noisy steps made things worse: back to the best point with a smaller step
+            gm, y, v, gy = best
+            lr *= 0.5
+            continue
+        lr = t  # a step that needed halving: L was underestimated, keep the smaller step
+        it += 1
+        y = yn.detach()
+        v, _, gy = problem._value_grads("inner", x, y, batch, want_x=False)
+        grads += 1
+        if callback is not None and callback({"x": y, "value": v, "grad": gy, "iter": it, "step_size": lr}):
+            status, message = Status.CALLBACK, "the callback asked to stop"
+            break
+    if not math.isfinite(gm):
+        gm = float(torch.linalg.vector_norm(gy))
+    ok = status == Status.CONVERGED
+    return InnerResult(y, gm, ok, it, grads, hvps, status, float(v), message=message, values=values)
