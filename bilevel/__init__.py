@@ -6,12 +6,15 @@ with lower-level constraints :math:`c(x, y) \\le 0` and simple sets for ``x``, `
 * :class:`BilevelProblem` — the problem: ``outer(x, y, batch)``, ``inner(x, y, batch)``, starting points, data.
 * Solvers on one ``init`` / ``step`` / ``solve`` contract (switch by changing one line):
   :class:`IFT`, :class:`AID`, :class:`ITD` (and F2SA, BO-REP, LV-HBA).
+* :func:`solve_inner` — the one lower-level solve (Newton-CG / projected gradient, reachable tolerance);
+  :func:`inner_step_size` — ``1/L`` by an HVP power iteration; :class:`InnerSolveWarning`.
 * :mod:`bilevel.sets` — :class:`Box`, :class:`Ball`, :class:`NonNegative`, :class:`Simplex`.
 * :mod:`bilevel.problems` — shipped problems (quadratic, logistic regression, hyper-cleaning, ...).
 """
 
 from . import problems, sets
 from ._base import BilevelResult, BilevelSolver
+from ._inner import InnerResult, InnerSolveWarning, inner_lipschitz, inner_step_size, solve_inner
 from ._problem import ALL, BilevelProblem
 from .aid import AID
 from .ift import IFT
@@ -23,6 +26,11 @@ __all__ = [
     "BilevelProblem",
     "BilevelResult",
     "BilevelSolver",
+    "InnerResult",
+    "InnerSolveWarning",
+    "solve_inner",
+    "inner_step_size",
+    "inner_lipschitz",
     "Set",
     "Box",
     "Ball",
