@@ -342,7 +342,7 @@ def _projected_gd(
 ) -> InnerResult:
     cap = min(20000, max(1000, 100 * problem.dy)) if max_iter is None else int(max_iter)
     L, hvps = inner_lipschitz(problem, x, y, batch)
-    lr = 1.0 / L
+    lr = lr0 = 1.0 / L
     eps = torch.finfo(problem.dtype).eps
     grads, values, it = 0, 0, 0
     v, _, gy = problem._value_grads("inner", x, y, batch, want_x=False)
@@ -354,8 +354,9 @@ def _projected_gd(
         if not (torch.isfinite(v) and bool(torch.isfinite(gy).all())):
             status, message = Status.NAN, "non-finite inner value or gradient; returning the last finite y"
             break
-        yn = problem.project_y(y - lr * gy)
-        gm = float(torch.linalg.vector_norm(yn - y)) / lr  # the gradient mapping (= ‖∇g‖ without a set)
+        # the gradient mapping at the step 1/L (= ‖∇g‖ without a set; not at a backtracked step, where
+        # y - t∇g may round to y)
+        gm = float(torch.linalg.vector_norm(problem.project_y(y - lr0 * gy) - y)) / lr0
         if gm <= atol:
             status, message = Status.CONVERGED, f"gradient mapping norm {gm:.3g} <= tol {atol:.3g}"
             break
@@ -365,6 +366,7 @@ def _projected_gd(
             status, message = Status.TIME_LIMIT, "deadline reached"
             break
         t = lr
+        yn = problem.project_y(y - t * gy)
         for _ in range(40):  # sufficient decrease g(y+) <= g(y) - 1e-4 ‖y+ - y‖² / t, halving t (L is a lower bound)
             vn = problem.g(x, yn, batch)
             values += 1
@@ -377,7 +379,7 @@ def _projected_gd(
             yn = problem.project_y(y - t * gy)
         else:
             t = 0.0
-        if t == 0.0:
+        if t == 0.0 or torch.equal(yn, y):  # no decrease, or a step that rounds to no move
             ok = gm <= reach
             status = Status.CONVERGED if ok else Status.STALLED
             message = f"no decrease of g along the projected gradient (gradient mapping {gm:.3g})"
