@@ -58,6 +58,7 @@ from ._problem import BilevelProblem
 __all__ = [
     "InnerResult",
     "InnerSolveWarning",
+    "InnerSolveError",
     "solve_inner",
     "inner_step_size",
     "inner_lipschitz",
@@ -67,6 +68,18 @@ __all__ = [
 
 class InnerSolveWarning(UserWarning):
     """The lower-level solve did not reach its tolerance (see :class:`InnerResult`'s ``status``/``message``)."""
+
+
+class InnerSolveError(RuntimeError):
+    """The lower-level solve of :meth:`BilevelProblem.value` failed and ``on_failure="raise"`` was asked.
+
+    Attributes:
+        result: the :class:`InnerResult` of the failed solve.
+    """
+
+    def __init__(self, message: str, result: InnerResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from curvlab import distributed as _dist
+from curvlab.checks import check_choice
 from curvlab.data import Batch, Data, Stream
 from curvlab.params import ParamSpec
 from curvlab.problems import ALL
@@ -466,6 +467,86 @@ class BilevelProblem:
     def project_y(self, y: Tensor) -> Tensor:
         """Projection of flat ``y`` onto ``y_set`` (identity without one)."""
         return y if self.y_set is None else self.y_set.project(y)
+
+    # ---------------------------------------------------------- F(x)
+    def value(
+        self,
+        x: Any = None,
+        y0: Any = None,
+        *,
+        on_failure: str = "warn",
+        return_y: bool = False,
+        **options: Any,
+    ) -> Any:
+        r"""The upper-level objective :math:`F(x) = f(x, y^*(x))` with an exact inner solve.
+
+        :math:`y^*(x)` comes from :func:`bilevel.solve_inner` (Newton-CG on the whole inner data,
+        projected gradient with a ``y_set``; a tolerance reachable in the dtype) from ``y0``; the
+        solve checks its own convergence: when it fails (not converged, a non-finite value, the
+        deadline) :math:`F` is still evaluated at the iterate it reached, and a
+        :class:`bilevel.InnerSolveWarning` is issued (``on_failure="warn"``, the default), a
+        :class:`bilevel.InnerSolveError` raised (``"raise"``) or nothing said (``"ignore"``) —
+        never a silent :math:`F` at a poor :math:`y`. :math:`f` is evaluated on all outer data.
+
+        Args:
+            x: the upper-level point: flat (shape ``(dx,)``) or in the structure of ``x0``
+                (``None``: ``x0``).
+            y0: warm start of the inner solve, flat or in the structure of ``y0`` (``None``: the problem's ``y0``).
+            on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+            return_y: also return the inner solution (flat) and the solve's :class:`bilevel.InnerResult`.
+            **options: passed to :func:`bilevel.solve_inner` (``tol``, ``rtol``, ``max_iter``,
+                ``solver``, ``deadline``, ``scale``).
+
+        Returns:
+            ``F(x)`` as a float; with ``return_y=True`` the tuple ``(F(x), y, inner_result)``.
+
+        Raises:
+            ValueError: a bad ``on_failure`` or ``x`` / ``y0`` that do not fit the problem.
+            bilevel.InnerSolveError: the inner solve failed and ``on_failure="raise"``.
+
+        Example:
+            >>> import torch
+            >>> p = BilevelProblem(lambda x, y, b: ((y - 1) ** 2).sum(),
+            ...                    lambda x, y, b: ((y - x) ** 2).sum(), torch.zeros(2), torch.zeros(2))
+            >>> round(p.value(torch.tensor([1.0, 3.0])), 6)
+            4.0
+        """
+        import warnings
+
+        from ._inner import InnerSolveError, InnerSolveWarning, solve_inner
+
+        check_choice(on_failure, "on_failure", ("warn", "raise", "ignore"))
+        xf = self._flat_arg(x, self.xspec, self.x0, "x")
+        yf = None if y0 is None else self._flat_arg(y0, self.yspec, self.y0, "y0")
+        res = solve_inner(self, xf, yf, **options)
+        F = float(self.f(xf, res.y, ALL))
+        if not res.converged:
+            msg = (
+                f"BilevelProblem.value: the inner solve did not converge (status {res.status.value}, "
+                f"‖∇_y g‖ = {res.grad_norm:.3g} > tol {res.tol:.3g} after {res.n_iter} iterations: {res.message}); "
+                f"F(x) = {F:.6g} is f at that iterate"
+            )
+            if on_failure == "raise":
+                raise InnerSolveError(msg, res)
+            if on_failure == "warn":
+                warnings.warn(msg, InnerSolveWarning, stacklevel=2)
+        return (F, res.y, res) if return_y else F
+
+    def _flat_arg(self, v: Any, spec: ParamSpec, like: Tensor, name: str) -> Tensor:
+        """``v`` as a flat vector of ``spec``'s size, dtype and device (flat tensors or the user's structure)."""
+        if v is None:
+            return like
+        ref = "x0" if spec is self.xspec else "y0"
+        if isinstance(v, Tensor) and v.shape == (spec.size,):
+            flat = v
+        else:
+            try:
+                flat = spec.flatten(v)
+            except (TypeError, KeyError, IndexError, AttributeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{name} must be a flat tensor of shape ({spec.size},) or shaped like {ref}") from e
+        if flat.shape != (spec.size,) or not flat.is_floating_point():
+            raise ValueError(f"{name} must be a flat tensor of shape ({spec.size},) or shaped like {ref}")
+        return flat.detach().to(dtype=like.dtype, device=like.device)
 
     # ---------------------------------------------------------- structures
     def to_user_x(self, x: Tensor) -> Any:
