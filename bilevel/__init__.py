@@ -14,7 +14,15 @@ with lower-level constraints :math:`c(x, y) \\le 0` and simple sets for ``x``, `
 
 from . import problems, sets
 from ._base import BilevelResult, BilevelSolver
-from ._inner import InnerResult, InnerSolveWarning, inner_lipschitz, inner_step_size, solve_inner
+from ._inner import (
+    InnerResult,
+    InnerSolveError,
+    InnerSolveWarning,
+    default_inner_rtol,
+    inner_lipschitz,
+    inner_step_size,
+    solve_inner,
+)
 from ._problem import ALL, BilevelProblem
 from .aid import AID
 from .ift import IFT
@@ -28,6 +36,8 @@ __all__ = [
     "BilevelSolver",
     "InnerResult",
     "InnerSolveWarning",
+    "InnerSolveError",
+    "default_inner_rtol",
     "solve_inner",
     "inner_step_size",
     "inner_lipschitz",
