@@ -307,12 +307,12 @@ def _with_solver(
         cap = min(20000, max(1000, 100 * dy))
     cap = cap if max_iter is None else int(max_iter)
     left = None if deadline is None else deadline - time.perf_counter()
-    inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
     if left is not None and left <= 0:
         gn, _, v = _gnorm(problem, x, y, batch)
         ok = gn <= atol
         st = Status.CONVERGED if ok else Status.TIME_LIMIT
-        return InnerResult(y, gn, ok, 0, 2, 0, st, float(v), message="deadline passed before the inner solve")
+        return InnerResult(y, gn, ok, 0, 1, 0, st, float(v), message="deadline passed before the inner solve")
+    inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
     r = solver.solve(inner, max_iter=cap, tol=atol, time_limit=left, callback=callback)
     st_ = r.state or {}
     yk = r.flat.detach().reshape(-1).to(problem.dtype)
