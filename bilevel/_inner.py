@@ -29,7 +29,10 @@ there in a step or two) and :math:`\sqrt{\varepsilon}` in float32 and below (3.4
 gradient of a network cannot be resolved much further). A Newton step whose line search finds
 no resolvable decrease (:class:`curvlab.solvers.Armijo`'s precision limit) ends the solve; it
 counts as converged only when :math:`\|\nabla_y g\| \le \sqrt{\varepsilon}\, s` (else
-``status="stalled"``).
+``status="stalled"``). Likewise a solve whose gradient norm is below that reachable level and has not
+halved for :data:`STALL_WINDOW` (3) Newton iterations (60 steps of another solver) ends as converged: the
+tolerance is under the rounding noise of :math:`\nabla_y g` at this point (e.g. far from the ``x`` of the
+first solve, where :math:`\|y\|` and so the noise are larger).
 
 Cost. The iteration cap scales with the problem: 100 Newton iterations (each with at most
 ``min(250, 2 dy + 10)`` CG products), or :math:`\min(20000, \max(1000, 100\, d_y))` gradient
@@ -64,6 +67,10 @@ __all__ = [
     "inner_lipschitz",
     "default_inner_rtol",
 ]
+
+
+#: Newton iterations without halving ``‖∇_y g‖``, below the reachable level, after which a solve ends (noise)
+STALL_WINDOW = 3
 
 
 class InnerSolveWarning(UserWarning):
@@ -313,14 +320,35 @@ def _with_solver(
         st = Status.CONVERGED if ok else Status.TIME_LIMIT
         return InnerResult(y, gn, ok, 0, 1, 0, st, float(v), message="deadline passed before the inner solve")
     inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
-    r = solver.solve(inner, max_iter=cap, tol=atol, time_limit=left, callback=callback)
+    window = STALL_WINDOW if isinstance(solver, NewtonCG) else 20 * STALL_WINDOW
+    watch = {"best": math.inf, "since": 0, "stalled": False}
+
+    def stop(st: dict[str, Any]) -> bool:
+        # below the reachable level, a gradient norm that stops halving is rounding noise: stop there
+        gn_ = float(st["grad_norm"])
+        if gn_ < 0.5 * watch["best"]:
+            watch["best"], watch["since"] = gn_, 0
+        else:
+            watch["since"] += 1
+        if gn_ <= reach and watch["since"] >= window:
+            watch["stalled"] = True
+            return True
+        return bool(callback(st)) if callback is not None else False
+
+    r = solver.solve(inner, max_iter=cap, tol=atol, time_limit=left, callback=stop)
     st_ = r.state or {}
     yk = r.flat.detach().reshape(-1).to(problem.dtype)
     gn = float(st_.get("grad_norm", math.nan))
     status = Status.of(r.status)
     message = r.message
     converged = math.isfinite(gn) and gn <= atol
-    if status == Status.CONVERGED and not converged:
+    if watch["stalled"] and not converged:
+        status, converged = Status.CONVERGED, True
+        message = (
+            f"‖∇_y g‖ = {gn:.3g} stopped halving for {window} iterations below the reachable {reach:.3g} "
+            f"(tol {atol:.3g} is under the rounding noise here)"
+        )
+    elif status == Status.CONVERGED and not converged:
         if math.isfinite(gn) and gn <= reach:
             converged = True  # the limit of precision, within what the dtype can reach
         else:
