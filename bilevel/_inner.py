@@ -32,7 +32,8 @@ counts as converged only when :math:`\|\nabla_y g\| \le \sqrt{\varepsilon}\, s` 
 ``status="stalled"``). Likewise a solve whose gradient norm is below that reachable level and has not
 halved for :data:`STALL_WINDOW` (3) Newton iterations (60 steps of another solver) ends as converged: the
 tolerance is under the rounding noise of :math:`\nabla_y g` at this point (e.g. far from the ``x`` of the
-first solve, where :math:`\|y\|` and so the noise are larger).
+first solve, where :math:`\|y\|` and so the noise are larger); one above that level whose ``g`` has not
+moved beyond its rounding noise meanwhile ends as ``"stalled"`` (not converged) instead of running to the cap.
 
 Cost. The iteration cap scales with the problem: 100 Newton iterations (each with at most
 ``min(250, 2 dy + 10)`` CG products), or :math:`\min(20000, \max(1000, 100\, d_y))` gradient
@@ -321,18 +322,22 @@ def _with_solver(
         return InnerResult(y, gn, ok, 0, 1, 0, st, float(v), message="deadline passed before the inner solve")
     inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
     window = STALL_WINDOW if isinstance(solver, NewtonCG) else 20 * STALL_WINDOW
-    watch = {"best": math.inf, "since": 0, "stalled": False}
+    eps = torch.finfo(problem.dtype).eps
+    watch = {"best": math.inf, "since": 0, "f": math.inf, "stalled": False}
 
     def stop(st: dict[str, Any]) -> bool:
-        # below the reachable level, a gradient norm that stops halving is rounding noise: stop there
-        gn_ = float(st["grad_norm"])
+        # a gradient norm that stops halving is rounding noise below the reachable level, or, anywhere, when
+        # g has not moved beyond its own rounding noise meanwhile: stop there
+        gn_, f_ = float(st["grad_norm"]), float(st["value"])
         if gn_ < 0.5 * watch["best"]:
-            watch["best"], watch["since"] = gn_, 0
+            watch["best"], watch["since"], watch["f"] = gn_, 0, f_
         else:
             watch["since"] += 1
-        if gn_ <= reach and watch["since"] >= window:
-            watch["stalled"] = True
-            return True
+        if watch["since"] >= window:
+            flat = abs(watch["f"] - f_) <= 16 * eps * abs(f_) * window
+            if gn_ <= reach or flat:
+                watch["stalled"] = True
+                return True
         return bool(callback(st)) if callback is not None else False
 
     r = solver.solve(inner, max_iter=cap, tol=atol, time_limit=left, callback=stop)
@@ -343,9 +348,11 @@ def _with_solver(
     message = r.message
     converged = math.isfinite(gn) and gn <= atol
     if watch["stalled"] and not converged:
-        status, converged = Status.CONVERGED, True
+        converged = math.isfinite(gn) and gn <= reach
+        status = Status.CONVERGED if converged else Status.STALLED
+        where = f"below the reachable {reach:.3g}" if converged else f"above the reachable {reach:.3g}, g flat"
         message = (
-            f"‖∇_y g‖ = {gn:.3g} stopped halving for {window} iterations below the reachable {reach:.3g} "
+            f"‖∇_y g‖ = {gn:.3g} stopped halving for {window} iterations {where} "
             f"(tol {atol:.3g} is under the rounding noise here)"
         )
     elif status == Status.CONVERGED and not converged:

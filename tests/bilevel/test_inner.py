@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,20 @@ def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="solver"):
         solve_inner(q.problem, x, solver=3)  # type: ignore[arg-type]
     assert issubclass(InnerSolveWarning, UserWarning)
+
+
+def test_a_tolerance_under_the_rounding_noise_ends_early_and_honestly():
+    # x = 1e5: ‖y*‖ ~ 1e6, so ‖∇_y g‖ cannot go below ~1e-5 in float64 (rounding of A y - B x - b)
+    q = quadratic(dx=4, dy=30, cond=100.0, seed=8)
+    x = torch.full((4,), 1e5, dtype=D)
+    ys = q.y_star(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loose = solve_inner(q.problem, x, scale=1e4)  # reachable level sqrt(eps)·1e4 = 1.5e-4: above the noise
+        tight = solve_inner(q.problem, x, scale=1.0)  # reachable level 1.5e-8: under the noise
+    assert loose.converged and loose.status == "converged" and "stopped halving" in loose.message
+    assert loose.grad_norm > loose.tol  # converged by the noise rule, not by the tolerance
+    assert not tight.converged and tight.status == "stalled"
+    for r in (loose, tight):
+        assert r.n_iter < 30  # not the 100-iteration cap of noisy Newton steps
+        assert float((r.y - ys).norm() / ys.norm()) < 1e-9  # and the solution is as good as float64 gets
