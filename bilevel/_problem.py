@@ -90,6 +90,11 @@ class BilevelProblem:
             :class:`~bilevel.sets.Box`, :class:`~bilevel.sets.Ball`) onto which
             solvers project ``x`` and ``y``.
 
+    :meth:`value` gives :math:`F(x) = f(x, y^*(x))` with an exact, self-checking inner solve
+    (:func:`bilevel.solve_inner`). ``nn.Module`` variables are evaluated under their
+    :class:`~curvlab.params.ModuleState` (the module's buffers are a snapshot: no evaluation writes
+    into the user's module, e.g. a train-mode BatchNorm's running statistics).
+
     Attributes:
         xspec, yspec: the :class:`~curvlab.params.ParamSpec` of ``x`` and ``y``.
         x0, y0: the starting points as flat 1-D tensors (copies).
