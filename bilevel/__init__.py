@@ -56,6 +56,10 @@ __all__ = [
     "LVHBA",
 ]
 
+from ._composite import Composite  # noqa: E402
+from ._hypergradient import Hypergradient, implicit_hypergradient, unrolled_hypergradient  # noqa: E402
 from .borep import BOREP  # noqa: E402
 from .f2sa import F2SA  # noqa: E402
 from .lvhba import LVHBA  # noqa: E402
+
+__all__ += ["Composite", "Hypergradient", "implicit_hypergradient", "unrolled_hypergradient"]

@@ -177,9 +177,10 @@ def test_oracle_counts():
     q = quadratic(dx=3, dy=5)
     r = bl.IFT(lr=0.1, inner_lr=0.5, T=3, K=6).solve(q.problem, max_iter=4)
     h = r.history
-    assert h["grads"] == [4 * k for k in range(1, 5)]  # T inner gradients + 1 outer gradient per step
+    # T inner gradients + ∇f + the recorded ∇_y g of the hypergradient per step
+    assert h["grads"] == [5 * k for k in range(1, 5)]
     assert h["hvps"] == [6 * k for k in range(1, 5)]  # K - 1 Neumann products + 1 mixed product
-    r = bl.ITD(lr=0.1, inner_lr=0.5, K=7).solve(q.problem, max_iter=2)
+    r = bl.ITD(lr=0.1, inner_lr=0.5, K=7, optimizer="sgd").solve(q.problem, max_iter=2)
     assert (r.state["grads"], r.state["hvps"]) == (16, 14)
     assert set(h.keys()) >= {"iter", "outer_value", "hypergrad_norm", "inner_residual", "time", "grads", "hvps"}
 
