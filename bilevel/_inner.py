@@ -34,6 +34,10 @@ halved for :data:`STALL_WINDOW` (3) Newton iterations (60 steps of another solve
 tolerance is under the rounding noise of :math:`\nabla_y g` at this point (e.g. far from the ``x`` of the
 first solve, where :math:`\|y\|` and so the noise are larger); one above that level whose ``g`` has not
 moved beyond its rounding noise meanwhile ends as ``"stalled"`` (not converged) instead of running to the cap.
+A stalled (or capped) default solve is retried once in Jacobi-scaled variables
+:math:`z = \sqrt{|\mathrm{diag}\,\nabla^2_{yy} g|} \odot y` (see :func:`_jacobi_retry`): curvatures spread
+over many orders (penalties :math:`e^{x_j}` up to 1e19 beside unregularised coordinates) spoil CG's
+directions; in ``z`` the Hessian has a unit diagonal.
 
 Cost. The iteration cap scales with the problem: 100 Newton iterations (each with at most
 ``min(250, 2 dy + 10)`` CG products), or :math:`\min(20000, \max(1000, 100\, d_y))` gradient
@@ -295,34 +299,19 @@ def solve_inner(
     return res
 
 
-def _with_solver(
-    problem: BilevelProblem,
-    x: Tensor,
-    y: Tensor,
-    batch: Any,
-    atol: float,
+def _run(
+    solver: Solver,
+    inner: Minimize,
+    cap: int,
+    tol: float,
     reach: float,
-    max_iter: int | None,
-    solver: Solver | str | None,
-    deadline: float | None,
+    left: float | None,
     callback: Any,
-) -> InnerResult:
-    dy = problem.dy
-    if not isinstance(solver, Solver):
-        solver = NewtonCG(cg_maxiter=min(250, 2 * dy + 10))
-        cap = 100
-    else:
-        cap = min(20000, max(1000, 100 * dy))
-    cap = cap if max_iter is None else int(max_iter)
-    left = None if deadline is None else deadline - time.perf_counter()
-    if left is not None and left <= 0:
-        gn, _, v = _gnorm(problem, x, y, batch)
-        ok = gn <= atol
-        st = Status.CONVERGED if ok else Status.TIME_LIMIT
-        return InnerResult(y, gn, ok, 0, 1, 0, st, float(v), message="deadline passed before the inner solve")
-    inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
+    dtype: torch.dtype,
+) -> tuple[Any, bool]:
+    """``solver.solve`` with the stall rule of the module docstring; ``(result, stalled)``."""
     window = STALL_WINDOW if isinstance(solver, NewtonCG) else 20 * STALL_WINDOW
-    eps = torch.finfo(problem.dtype).eps
+    eps = torch.finfo(dtype).eps
     watch = {"best": math.inf, "since": 0, "f": math.inf, "stalled": False}
 
     def stop(st: dict[str, Any]) -> bool:
@@ -340,19 +329,62 @@ def _with_solver(
                 return True
         return bool(callback(st)) if callback is not None else False
 
-    r = solver.solve(inner, max_iter=cap, tol=atol, time_limit=left, callback=stop)
+    r = solver.solve(inner, max_iter=cap, tol=tol, time_limit=left, callback=stop)
+    return r, bool(watch["stalled"])
+
+
+def _with_solver(
+    problem: BilevelProblem,
+    x: Tensor,
+    y: Tensor,
+    batch: Any,
+    atol: float,
+    reach: float,
+    max_iter: int | None,
+    solver: Solver | str | None,
+    deadline: float | None,
+    callback: Any,
+) -> InnerResult:
+    dy = problem.dy
+    default = not isinstance(solver, Solver)
+    if not isinstance(solver, Solver):
+        solver = NewtonCG(cg_maxiter=min(250, 2 * dy + 10))
+        cap = 100
+    else:
+        cap = min(20000, max(1000, 100 * dy))
+    cap = cap if max_iter is None else int(max_iter)
+    left = None if deadline is None else deadline - time.perf_counter()
+    if left is not None and left <= 0:
+        gn, _, v = _gnorm(problem, x, y, batch)
+        ok = gn <= atol
+        st = Status.CONVERGED if ok else Status.TIME_LIMIT
+        return InnerResult(y, gn, ok, 0, 1, 0, st, float(v), message="deadline passed before the inner solve")
+    inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
+    r, stalled = _run(solver, inner, cap, atol, reach, left, callback, problem.dtype)
+    res = _result(r, stalled, atol, reach, problem.dtype, int(r.n_iter) + 2)
+    if (
+        default
+        and res.status in (Status.STALLED, Status.MAX_ITER)
+        and (deadline is None or time.perf_counter() < deadline)
+    ):
+        res = _jacobi_retry(problem, x, res, batch, atol, reach, cap, solver, deadline, callback)
+    return res
+
+
+def _result(r: Any, stalled: bool, atol: float, reach: float, dtype: torch.dtype, grads: int) -> InnerResult:
+    """An :class:`InnerResult` from a curvlab :class:`~curvlab.Result` (statuses per the module docstring)."""
     st_ = r.state or {}
-    yk = r.flat.detach().reshape(-1).to(problem.dtype)
+    yk = r.flat.detach().reshape(-1).to(dtype)
     gn = float(st_.get("grad_norm", math.nan))
     status = Status.of(r.status)
     message = r.message
     converged = math.isfinite(gn) and gn <= atol
-    if watch["stalled"] and not converged:
+    if stalled and not converged:
         converged = math.isfinite(gn) and gn <= reach
         status = Status.CONVERGED if converged else Status.STALLED
         where = f"below the reachable {reach:.3g}" if converged else f"above the reachable {reach:.3g}, g flat"
         message = (
-            f"‖∇_y g‖ = {gn:.3g} stopped halving for {window} iterations {where} "
+            f"‖∇_y g‖ = {gn:.3g} stopped halving for {STALL_WINDOW} iterations {where} "
             f"(tol {atol:.3g} is under the rounding noise here)"
         )
     elif status == Status.CONVERGED and not converged:
@@ -363,17 +395,74 @@ def _with_solver(
             message = f"{message}; ‖∇_y g‖ = {gn:.3g} is above the reachable {reach:.3g}"
     elif converged:
         status = Status.CONVERGED
-    grads = int(r.n_iter) + 2  # the Minimize check + every accepted point
+    hvps = int(st_.get("matvecs", 0))
+    return InnerResult(yk, gn, converged, int(r.n_iter), grads, hvps, status, float(r.value), message=message)
+
+
+def _jacobi_retry(
+    problem: BilevelProblem,
+    x: Tensor,
+    first: InnerResult,
+    batch: Any,
+    atol: float,
+    reach: float,
+    cap: int,
+    solver: Solver,
+    deadline: float | None,
+    callback: Any,
+) -> InnerResult:
+    r"""Newton-CG again in Jacobi-scaled variables :math:`z = s \odot y`, :math:`s^2 = |\mathrm{diag}\,H|`.
+
+    :math:`H = \nabla^2_{yy} g`. For curvatures spread over many orders (penalties :math:`e^{x_j}` from
+    1e-30 to 1e19) CG's rounding spoils the Newton directions and the first solve stalls far above its
+    tolerance; in ``z`` the Hessian has a unit diagonal. The diagonal is exact for ``dy <= 256`` (``dy``
+    products), else an XDiag estimate from 200 (:func:`curvlab.spectrum.diag`). The scaled solve's test is
+    the original one in ``z``'s units (``tol`` times the ratio of :math:`\|\nabla_z g\| = \|\nabla_y g / s\|`
+    to :math:`\|\nabla_y g\|` at the first solve's end point and at the problem's ``y0``); its result is
+    kept when it converges (else the first result, with the products spent added).
+    """
+    from curvlab.linops import MatvecOperator
+    from curvlab.spectrum import diag
+
+    y = first.y
+    dy, eps = problem.dy, torch.finfo(problem.dtype).eps
+    op = MatvecOperator(problem.hvp_yy_operator(x, y, batch), dy, problem.dtype, problem.device, symmetric=True)
+    budget = dy if dy <= 256 else 200
+    try:
+        d = diag(op, budget=budget, seed=0).estimate.abs()
+    except ValueError:  # non-finite products
+        return first
+    first.hvps += budget
+    if not bool(torch.isfinite(d).all()) or float(d.max()) <= 0:
+        return first
+    floor = max(float(d.median()) * 1e-3, torch.finfo(problem.dtype).tiny / eps)
+    sc = torch.sqrt(torch.clamp(d, min=floor))
+    g1 = problem.grad_g_y(x, y, batch)
+    g0 = problem.grad_g_y(x, problem.y0, batch)
+    first.grads += 2
+    zscale = max(float(torch.linalg.vector_norm(g1 / sc)), float(torch.linalg.vector_norm(g0 / sc)))
+    yscale = max(float(torch.linalg.vector_norm(g1)), float(torch.linalg.vector_norm(g0)))
+    if not (math.isfinite(zscale) and math.isfinite(yscale) and yscale > 0):
+        return first
+    ztol = max(atol * zscale / yscale, 10.0 * eps * zscale)  # the same test, in z's units
+    zreach = max(ztol, reach * zscale / yscale)
+    left = None if deadline is None else deadline - time.perf_counter()
+    zinner = Minimize(lambda zv: problem.g_diff(x, zv / sc, batch), (y * sc).detach())
+    r, stalled = _run(solver, zinner, cap, ztol, zreach, left, callback, problem.dtype)
+    zres = _result(r, stalled, ztol, zreach, problem.dtype, int(r.n_iter) + 2)
+    first.grads += zres.grads
+    first.hvps += zres.hvps
+    if not zres.converged:
+        return first
+    yk = (zres.y / sc).detach()
+    gn, _, v = _gnorm(problem, x, yk, batch)
+    first.grads += 1
+    msg = (
+        f"converged in Jacobi-scaled variables (‖∇_z g‖ = {zres.grad_norm:.3g} <= {ztol:.3g}; ‖∇_y g‖ = {gn:.3g}) "
+        f"after the unscaled solve: {first.message}"
+    )
     return InnerResult(
-        yk,
-        gn,
-        converged,
-        int(r.n_iter),
-        grads,
-        int(st_.get("matvecs", 0)),
-        status,
-        float(r.value),
-        message=message,
+        yk, gn, True, first.n_iter + zres.n_iter, first.grads, first.hvps, Status.CONVERGED, float(v), message=msg
     )
 
 

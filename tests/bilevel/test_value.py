@@ -148,3 +148,22 @@ def test_hyper_cleaning_unweighted_reference_has_unit_weights():
     )
     (g,) = torch.autograd.grad(obj, w)
     assert float(g.norm()) < 1e-8
+
+
+def test_value_at_extreme_penalties_is_converged_and_matches_dense_newton():
+    # an x a solver reached on the ijcnn-like set: penalties from e^-72 to e^44.6 (1e19): the gradient norm
+    # cannot go below eps·‖∇²g‖·‖y‖ there, and the solve must say converged only when y is right
+    x = torch.tensor(
+        [18.59, 18.43, 31.67, 2.62, 1.79, 11.09, -3.53, -29.13, 24.31, 21.06, -1.08, -2.94, -4.25, -71.95, 44.63,
+         -30.01, -50.01, -36.55, -44.70, -47.27, -47.12, -56.21],
+        dtype=D,
+    )  # fmt: skip
+    p = logreg("ijcnn_like", per_feature=True).problem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InnerSolveWarning)
+        F, y, res = p.value(x, return_y=True)
+    assert res.converged and "Jacobi-scaled" in res.message  # plain Newton-CG stalls here: CG's rounding
+    # the reference: dense Newton steps (least squares on the exact Hessian) refining our y
+    w = _dense_newton(lambda v: p.g_diff(x, v), y.clone(), iters=3)
+    assert float(p.f(x, w)) == pytest.approx(F, rel=1e-10)
+    assert float((w - y).norm()) < 1e-8 * max(1.0, float(y.norm()))
