@@ -74,6 +74,9 @@ __all__ = [
 ]
 
 
+#: a diagonal spread ``max / median`` above which a stalled solve is retried in Jacobi-scaled variables
+JACOBI_SPREAD = 1e6
+
 #: Newton iterations without halving ``‖∇_y g‖``, below the reachable level, after which a solve ends (noise)
 STALL_WINDOW = 3
 
@@ -415,11 +418,13 @@ def _jacobi_retry(
 
     :math:`H = \nabla^2_{yy} g`. For curvatures spread over many orders (penalties :math:`e^{x_j}` from
     1e-30 to 1e19) CG's rounding spoils the Newton directions and the first solve stalls far above its
-    tolerance; in ``z`` the Hessian has a unit diagonal. The diagonal is exact for ``dy <= 256`` (``dy``
-    products), else an XDiag estimate from 200 (:func:`curvlab.spectrum.diag`). The scaled solve's test is
-    the original one in ``z``'s units (``tol`` times the ratio of :math:`\|\nabla_z g\| = \|\nabla_y g / s\|`
-    to :math:`\|\nabla_y g\|` at the first solve's end point and at the problem's ``y0``); its result is
-    kept when it converges (else the first result, with the products spent added).
+    tolerance; in ``z`` the Hessian has a unit diagonal. Only a diagonal spread over more than
+    :data:`JACOBI_SPREAD` (``max / median`` > 1e6) is worth the second solve. The diagonal is exact for
+    ``dy <= 256`` (``dy`` products), else an XDiag estimate from 200 (:func:`curvlab.spectrum.diag`).
+    The scaled solve's test is the original one in ``z``'s units: ``tol`` times the ratio of
+    :math:`\|\nabla_z g\| = \|\nabla_y g / s\|` to :math:`\|\nabla_y g\|` at the first solve's end
+    point and at the problem's ``y0``. Its result is kept when it converges (else the first result,
+    with the products spent added).
     """
     from curvlab.linops import MatvecOperator
     from curvlab.spectrum import diag
@@ -435,6 +440,8 @@ def _jacobi_retry(
     first.hvps += budget
     if not bool(torch.isfinite(d).all()) or float(d.max()) <= 0:
         return first
+    if float(d.max()) <= JACOBI_SPREAD * float(d.median()):
+        return first  # a diagonal within a few orders: the scaling would not change what CG can do
     floor = max(float(d.median()) * 1e-3, torch.finfo(problem.dtype).tiny / eps)
     sc = torch.sqrt(torch.clamp(d, min=floor))
     g1 = problem.grad_g_y(x, y, batch)
