@@ -51,7 +51,7 @@ def test_defaults_on_the_closed_form_quadratic(name):
     # honest y: the lower-level solution at the returned x
     ys = q.y_star(r.x_flat)
     assert float((r.y_flat - ys).norm()) <= 1e-3 * max(1.0, float(ys.norm())), name
-    assert wall < 60.0
+    assert r.status != "time_limit", wall  # "in seconds": the benchmark reports the times
 
 
 @pytest.mark.slow
