@@ -34,7 +34,7 @@ halved for :data:`STALL_WINDOW` (3) Newton iterations (60 steps of another solve
 tolerance is under the rounding noise of :math:`\nabla_y g` at this point (e.g. far from the ``x`` of the
 first solve, where :math:`\|y\|` and so the noise are larger); one above that level whose ``g`` has not
 moved beyond its rounding noise meanwhile ends as ``"stalled"`` (not converged) instead of running to the cap.
-A stalled (or capped) default solve is retried once in Jacobi-scaled variables
+A stalled, capped or line-search-failed default solve is retried once in Jacobi-scaled variables
 :math:`z = \sqrt{|\mathrm{diag}\,\nabla^2_{yy} g|} \odot y` (see :func:`_jacobi_retry`): curvatures spread
 over many orders (penalties :math:`e^{x_j}` up to 1e19 beside unregularised coordinates) spoil CG's
 directions; in ``z`` the Hessian has a unit diagonal.
@@ -367,7 +367,7 @@ def _with_solver(
     res = _result(r, stalled, atol, reach, problem.dtype, int(r.n_iter) + 2)
     if (
         default
-        and res.status in (Status.STALLED, Status.MAX_ITER)
+        and res.status in (Status.STALLED, Status.MAX_ITER, Status.LINE_SEARCH_FAILED)
         and (deadline is None or time.perf_counter() < deadline)
     ):
         res = _jacobi_retry(problem, x, res, batch, atol, reach, cap, solver, deadline, callback)
