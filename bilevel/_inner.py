@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,7 +291,7 @@ def solve_inner(
     scale = float(scale) if math.isfinite(scale) else 0.0
     if rtol is None and tol is None:
         rtol = default_inner_rtol(problem.dtype)
-    atol = max(float(tol or 0.0), float(rtol or 0.0) * scale, 10.0 * eps * scale)
+    atol = max(float(tol or 0.0), float(rtol or 0.0) * scale, 10.0 * eps * scale, torch.finfo(problem.dtype).tiny)
     reach = max(atol, math.sqrt(eps) * scale)
     gd = solver == "gd" or (solver in (None, "newton") and problem.y_set is not None)
     if gd:
@@ -332,7 +333,9 @@ def _run(
                 return True
         return bool(callback(st)) if callback is not None else False
 
-    r = solver.solve(inner, max_iter=cap, tol=tol, time_limit=left, callback=stop)
+    with warnings.catch_warnings():  # a tol under eps·‖g₀‖ is raised to it by solve(); our floors say the rest
+        warnings.filterwarnings("ignore", message=r"tol=.* is below what", category=UserWarning)
+        r = solver.solve(inner, max_iter=cap, tol=tol, time_limit=left, callback=stop)
     return r, bool(watch["stalled"])
 
 
