@@ -54,8 +54,9 @@ from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
 from ._common import estimate_inner_lipschitz
-from ._first_order import check_int, check_unit, draw
+from ._first_order import draw
 from ._problem import BilevelProblem
+from curvlab.checks import int_fields as _ci
 
 __all__ = ["BOREP"]
 
@@ -109,9 +110,9 @@ class BOREP(BilevelSolver):
             if getattr(self, name) is not None:
                 _check_positive(self, name)
         _check_positive(self, "lr_decay", allow_zero=True)
-        check_unit(self, "momentum")
-        check_int(self, "interval", "n_inner_steps", "init_steps")
-        check_int(self, "init_epochs", minimum=0)
+        pass
+        _ci(self, "interval", "n_inner_steps", "init_steps")
+        _ci(self, "init_epochs", minimum=0)
         if self.z_radius is not None:
             _check_positive(self, "z_radius")
 

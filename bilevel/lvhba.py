@@ -61,8 +61,9 @@ import torch
 from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._first_order import check_int, draw, project_nonneg_ball
+from ._first_order import draw, project_nonneg_ball
 from ._problem import BilevelProblem
+from curvlab.checks import int_fields as _ci
 
 __all__ = ["LVHBA", "project_feasible"]
 
@@ -142,7 +143,7 @@ class LVHBA(BilevelSolver):
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "lr_z", "lr_inner", "gamma1", "gamma2", "c_lower", "multiplier_radius")
         _check_positive(self, "p", "lmbda0", "feasibility_tol", allow_zero=True)
-        check_int(self, "feasibility_steps", minimum=0)
+        _ci(self, "feasibility_steps", minimum=0)
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         self.check_problem(problem)
