@@ -53,15 +53,15 @@ import torch
 from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._common import estimate_inner_lipschitz
-from ._first_order import draw
+from ._first_order import draw, inner_lr, norm
 from ._problem import BilevelProblem
+from curvlab.checks import check_choice, check_unit
 from curvlab.checks import int_fields as _ci
 
 __all__ = ["BOREP"]
 
 #: the authors' code's defaults for the lower-level and linear-system step sizes
-_LR_Y, _LR_Z = 5e-2, 1e-2
+_LR_Y, _LR_Z = 5e-2, 1e-2  # (the defaults now follow 1/L_g; kept for reference)
 
 
 @options
@@ -101,6 +101,7 @@ class BOREP(BilevelSolver):
     init_steps: int = 10
     z_radius: float | None = None
     lr_decay: float = 0.0
+    schedule: str = "auto"
 
     supports_constraints = False
 
@@ -110,7 +111,8 @@ class BOREP(BilevelSolver):
             if getattr(self, name) is not None:
                 _check_positive(self, name)
         _check_positive(self, "lr_decay", allow_zero=True)
-        pass
+        check_unit(self.momentum, "BOREP.momentum")
+        check_choice(self.schedule, "BOREP.schedule", ("auto", "adaptive", "paper"))
         _ci(self, "interval", "n_inner_steps", "init_steps")
         _ci(self, "init_epochs", minimum=0)
         if self.z_radius is not None:
@@ -141,15 +143,19 @@ class BOREP(BilevelSolver):
         state = base_state(problem)
         lr_y, lr_z = self.lr_y, self.lr_z
         if lr_y is None or lr_z is None:
-            L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
-            _count(state, hvps=n)
-            lr_y = min(_LR_Y, 1.0 / L) if lr_y is None else lr_y
-            lr_z = min(_LR_Z, 1.0 / L) if lr_z is None else lr_z
+            step = inner_lr(problem, state, state["x"], state["y"], problem.draw_inner(0))
+            lr_y = step if lr_y is None else lr_y
+            lr_z = step if lr_z is None else lr_z
         state["lr_y"], state["lr_z"] = float(lr_y), float(lr_z)
         state["y"] = self.refine(problem, state, state["x"], state["y"])
         state["z"] = torch.zeros_like(state["y"])
         state["m"] = torch.zeros_like(state["x"])
+        state["eta"] = float(self.lr)
         return state
+
+    def adaptive(self, problem: BilevelProblem) -> bool:
+        """Whether ``problem`` runs the deterministic ``"adaptive"`` step length."""
+        return not problem.stochastic if self.schedule == "auto" else self.schedule == "adaptive"
 
     def step(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
         new = dict(state)
@@ -167,7 +173,15 @@ class BOREP(BilevelSolver):
             n = torch.linalg.vector_norm(z)
             z = z * torch.clamp(self.z_radius / n.clamp_min(torch.finfo(z.dtype).tiny), max=1.0)
         m = self.momentum * state["m"] + (1 - self.momentum) * ghat
-        eta = self.lr * (t + 1) ** (-self.lr_decay)
+        if self.adaptive(problem):
+            # deterministic: the step length follows the problem — it grows (x 1.2) while the new estimate
+            # still agrees with the last direction and f decreased, and halves otherwise (the step overshot)
+            eta = float(state.get("eta", self.lr))
+            if t > 0:
+                better = float(fval) < float(state["outer_value"])
+                eta = eta * (1.2 if better and float(ghat @ state["m"]) > 0 else 0.5)
+        else:
+            eta = self.lr * (t + 1) ** (-self.lr_decay)
         mn = torch.linalg.vector_norm(m)
         step = m / mn if float(mn) > 0 else torch.zeros_like(m)
         new.update(
@@ -175,9 +189,10 @@ class BOREP(BilevelSolver):
             y=y,
             z=z,
             m=m,
+            eta=eta,
             iter=t + 1,
             outer_value=fval,
-            hypergrad_norm=float(torch.linalg.vector_norm(ghat)),
+            hypergrad_norm=norm(ghat),
             log={"lr": eta, "momentum_norm": float(mn)},
         )
         return new
