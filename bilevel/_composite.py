@@ -41,6 +41,7 @@ from torch import Tensor
 from curvlab.checks import check_choice, check_int, check_positive
 from curvlab.problems import ALL
 from curvlab.solvers import Armijo, NewtonCG, Solver, lbfgs_update
+from curvlab.solvers.line_search import NOISE_EPS
 from curvlab.status import Status
 
 from ._base import BilevelSolver, _count, base_state, options
@@ -318,33 +319,40 @@ class CompositeSolver(BilevelSolver):
             d, S, Y = quasi_newton_direction(hg, state["lbfgs_s"], state["lbfgs_y"])
         else:
             d, S, Y = -hg, [], []
-        t0 = first_trial(hg_norm, d, bool(S), cfg.lr, state.get("ls_step"), state.get("ls_length"))
-        slope = float(hg @ d)
         f0 = state["fcorr"]
-        trials: list[dict[str, Any]] = []
+        cur: dict[str, Any] = {}
 
         def phi(t: float) -> tuple[Tensor, dict[str, Any]]:
             self._interrupt(state, "line_search")
-            x_t = problem.project_x(x + t * d).detach()
+            x_t = problem.project_x(x + t * cur["d"]).detach()
             ev = self._evaluate(problem, cfg, x_t, state, new)
             ev["x"] = x_t
-            trials.append(ev)
             g = ev["hg"].grad
             val = ev["hg"].corrected
             if problem.x_set is not None:  # projected Armijo: f(x_t) <= f0 + c1 ∇Fᵀ(x_t − x) (Bertsekas 1976)
-                val = val - cfg.c1 * (float(hg @ (x_t - x)) - t * slope)
+                val = val - cfg.c1 * (float(hg @ (x_t - x)) - t * cur["slope"])
             if not bool(torch.isfinite(g).all()):
                 val = val * float("nan")
             return val, ev
 
-        ls = Armijo(c1=cfg.c1, max_trials=cfg.max_backtracks).search(
-            phi,
-            f0,
-            slope,
-            t0,
-            accept=lambda t, v, ev: bool(ev["ok"]),
-            tie=lambda t, v, ev: float(torch.linalg.vector_norm(ev["hg"].grad)) < hg_norm,
-        )
+        noise = NOISE_EPS * torch.finfo(problem.dtype).eps * abs(float(f0))
+        for attempt in range(2):  # a failed quasi-Newton search is retried once along -hg (memory cleared)
+            t0 = first_trial(hg_norm, d, bool(S), cfg.lr, state.get("ls_step"), state.get("ls_length"))
+            cur.update(d=d, slope=float(hg @ d))
+            # at the precision limit only the tie rule (a smaller hypergradient) can accept: one trial, not a search
+            limit = 0 > cur["slope"] and t0 * abs(cur["slope"]) <= noise
+            trials = 1 if limit else (cfg.max_backtracks if attempt == 0 else max(1, cfg.max_backtracks // 2))
+            ls = Armijo(c1=cfg.c1, max_trials=trials).search(
+                phi,
+                f0,
+                cur["slope"],
+                t0,
+                accept=lambda t, v, ev: bool(ev["ok"]),
+                tie=lambda t, v, ev: float(torch.linalg.vector_norm(ev["hg"].grad)) < hg_norm,
+            )
+            if ls.success or not S or ls.status == Status.NAN or ls.precision_limit or limit:
+                break
+            d, S, Y = -hg, [], []
         if not ls.success:
             if ls.status == Status.NAN:
                 new.update(status="nan", message=f"{ls.message}; returning the last finite state")
@@ -531,7 +539,7 @@ class Composite(CompositeSolver):
     lr: float | None = None
     memory: int = 10
     c1: float = 1e-4
-    max_backtracks: int = 30
+    max_backtracks: int = 10
     betas: tuple[float, float] = (0.9, 0.999)
 
     def default_rtol(self, problem: BilevelProblem) -> float:
@@ -555,8 +563,8 @@ class Composite(CompositeSolver):
             sgd_steps=None if not problem.stochastic else (self.inner_steps or 10),
             inner_lr=self.inner_lr,
             solve=self.linear_solve,
-            solve_tol=self.solve_tol,
-            solve_maxiter=self.solve_maxiter if self.solve_maxiter is not None else min(2 * problem.dy + 10, 1000),
+            solve_tol=self.solve_tol if self.solve_tol is not None else adjoint_tol(problem),
+            solve_maxiter=self.solve_maxiter if self.solve_maxiter is not None else adjoint_maxiter(problem),
             solve_options=dict(self.solve_options or {}),
             warm_start=self.warm_start,
             K=self.K,
@@ -571,6 +579,20 @@ class Composite(CompositeSolver):
             max_backtracks=self.max_backtracks,
             betas=self.betas,
         )
+
+
+def adjoint_tol(problem: BilevelProblem) -> float:
+    r"""Default relative residual of the adjoint solve: :math:`\varepsilon^{2/3}` in float64
+    (:func:`curvlab.linalg.default_tol`), :math:`\sqrt\varepsilon` in float32 and below (what CG resolves on a
+    network's Hessian there; the hypergradient needs no more than the outer test's :math:`\sqrt\varepsilon`)."""
+    eps = torch.finfo(problem.dtype).eps
+    return eps ** (2.0 / 3.0) if eps < 1e-10 else math.sqrt(eps)
+
+
+def adjoint_maxiter(problem: BilevelProblem) -> int:
+    """Default cap of the adjoint solve: ``min(2 dy + 10, 1000)`` in float64, ``min(2 dy + 10, 100)`` in float32
+    (single-precision Krylov recurrences lose orthogonality within about a hundred steps)."""
+    return min(2 * problem.dy + 10, 1000 if torch.finfo(problem.dtype).eps < 1e-10 else 100)
 
 
 def k_max(problem: BilevelProblem) -> int:

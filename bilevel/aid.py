@@ -24,8 +24,10 @@ Where the defaults differ from the papers, and why:
   (:math:`\varepsilon^{2/3}` in float64, :math:`\sqrt\varepsilon` in float32 — HOAG's decreasing
   tolerances, Pedregosa 2016 Thm. 2, reduced to the one the dtype can reach; the old absolute
   1e-6 was unreachable in float32 on a network and sent every solve to its cap).
-* The adjoint CG stops at :func:`curvlab.linalg.default_tol` (:math:`\varepsilon^{2/3}`,
-  reachable in float32) with at most ``min(2 dy + 10, 1000)`` products.
+* The adjoint is ``linear_solve="auto"``: CG as in the paper, MINRES where a nonconvex inner
+  Hessian has negative curvature (CG's adjoint is meaningless there), a dense factorisation for
+  ``dy <= 256``; it stops at :math:`\varepsilon^{2/3}` (float64) / :math:`\sqrt\varepsilon` (float32)
+  with at most ``min(2 dy + 10, 1000)`` (float64) / ``100`` (float32) products.
 * A line search that finds no decrease at a stationary point ends the run as ``"converged"``
   (see :mod:`bilevel._composite`) instead of failing; AID's default ``rtol`` is tight
   (:math:`\varepsilon^{2/3}` in float64) because its hypergradient is exact to the solve tolerances.
@@ -43,7 +45,16 @@ from curvlab.checks import check_choice
 from curvlab.solvers import Solver
 
 from ._base import options
-from ._composite import CompositeSolver, Config, default_bias_tol, k_max, resolve_optimizer, validate_common
+from ._composite import (
+    CompositeSolver,
+    Config,
+    adjoint_maxiter,
+    adjoint_tol,
+    default_bias_tol,
+    k_max,
+    resolve_optimizer,
+    validate_common,
+)
 from ._problem import BilevelProblem
 
 __all__ = ["AID"]
@@ -68,8 +79,9 @@ class AID(CompositeSolver):
         inner_tol: absolute inner gradient tolerance (``None``: only the relative one).
         inner_rtol: inner tolerance relative to the first inner gradient norm (``None``: the dtype's
             reachable default).
-        linear_solve: adjoint solve (``"cg"``, the paper's; any :func:`curvlab.linalg.solve` method or
-            a callable ``solve(matvec, b, **options)``).
+        linear_solve: adjoint solve: ``"auto"`` (CG, the paper's, switching to MINRES where a nonconvex
+            inner Hessian shows negative curvature; a small Hessian is factored), or any
+            :func:`curvlab.linalg.solve` method / callable ``solve(matvec, b, **options)``.
         solve_tol: relative residual tolerance of the adjoint (``None``: :func:`curvlab.linalg.default_tol`).
         solve_maxiter: adjoint iteration cap (``None``: ``min(2 dy + 10, 1000)``).
         warm_start: warm-start the adjoint at the previous ``w``.
@@ -100,7 +112,7 @@ class AID(CompositeSolver):
     inner_steps: int | None = None
     inner_tol: float | None = None
     inner_rtol: float | None = None
-    linear_solve: str | Callable[..., Any] = "cg"
+    linear_solve: str | Callable[..., Any] = "auto"
     solve_tol: float | None = None
     solve_maxiter: int | None = None
     warm_start: bool = True
@@ -108,7 +120,7 @@ class AID(CompositeSolver):
     line_search: bool | None = None
     memory: int = 10
     c1: float = 1e-4
-    max_backtracks: int = 30
+    max_backtracks: int = 10
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
@@ -157,8 +169,8 @@ class AID(CompositeSolver):
             sgd_steps=(self.inner_steps or 100) if problem.stochastic else None,
             inner_lr=self.inner_lr,
             solve=self.linear_solve,
-            solve_tol=self.solve_tol,
-            solve_maxiter=self.solve_maxiter if self.solve_maxiter is not None else min(2 * problem.dy + 10, 1000),
+            solve_tol=self.solve_tol if self.solve_tol is not None else adjoint_tol(problem),
+            solve_maxiter=self.solve_maxiter if self.solve_maxiter is not None else adjoint_maxiter(problem),
             solve_options={},
             warm_start=self.warm_start,
             K=None,

@@ -37,7 +37,16 @@ import torch
 from curvlab.checks import check_choice, check_int
 
 from ._base import options
-from ._composite import CompositeSolver, Config, default_bias_tol, k_max, resolve_optimizer, validate_common
+from ._composite import (
+    CompositeSolver,
+    Config,
+    adjoint_maxiter,
+    adjoint_tol,
+    default_bias_tol,
+    k_max,
+    resolve_optimizer,
+    validate_common,
+)
 from ._problem import BilevelProblem
 
 __all__ = ["IFT"]
@@ -113,8 +122,8 @@ class IFT(CompositeSolver):
             sgd_steps=T,
             inner_lr=self.inner_lr,
             solve=self.linear_solve,
-            solve_tol=tol,
-            solve_maxiter=maxiter if maxiter is not None else min(2 * problem.dy + 10, 1000),
+            solve_tol=tol if tol is not None else adjoint_tol(problem),
+            solve_maxiter=maxiter if maxiter is not None else adjoint_maxiter(problem),
             solve_options=solve_options,
             warm_start=True,
             K=None,
@@ -126,6 +135,6 @@ class IFT(CompositeSolver):
             fixed_lr=self.lr if self.lr is not None else 1e-2,
             memory=10,
             c1=1e-4,
-            max_backtracks=30,
+            max_backtracks=10,
             betas=self.betas,
         )

@@ -113,6 +113,6 @@ class ITD(CompositeSolver):
             fixed_lr=self.lr if self.lr is not None else 0.1,
             memory=10,
             c1=1e-4,
-            max_backtracks=30,
+            max_backtracks=10,
             betas=self.betas,
         )
