@@ -53,7 +53,11 @@ import torch
 from torch import Tensor
 
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
+from curvlab.linalg import solve
+from curvlab.linops import MatvecOperator
+
 from ._first_order import draw, inner_lr, norm
+from ._inner import default_inner_rtol, solve_inner
 from ._problem import BilevelProblem
 from curvlab.checks import check_choice, check_unit
 from curvlab.checks import int_fields as _ci
@@ -160,15 +164,35 @@ class BOREP(BilevelSolver):
     def step(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
         new = dict(state)
         t = int(state["iter"])
-        x, y, z = state["x"], state["y"], state["z"]
-        if t % self.interval == 0:  # periodic lower-level update (Algorithm 3)
+        adaptive = self.adaptive(problem)
+        x = state["x_next"] if adaptive and state.get("x_next") is not None else state["x"]
+        y, z = state["y"], state["z"]
+        if adaptive:
+            # deterministic: UpdateLower is the warm-started inner solve of bilevel at every x (so y is the
+            # lower-level solution at the returned x) and z solves ∇²_yy g z = ∇_y f by warm-started CG
+            res = solve_inner(problem, x, y, deadline=self.deadline(state), scale=state.get("inner_scale"))
+            y = res.y
+            _count(new, grads=res.grads, hvps=res.hvps)
+            new["inner_scale"] = state.get("inner_scale") or res.scale
+            new["inner_residual"] = res.grad_norm
+            fval, fx, fy = problem.f_and_grad(x, y)
+            op = MatvecOperator(
+                problem.hvp_yy_operator(x, y), problem.dy, problem.dtype, problem.device, symmetric=True
+            )
+            kr = solve(op, fy, "cg", x0=z, tol=default_inner_rtol(problem.dtype), maxiter=10 * problem.dy + 10)
+            z = kr.x.detach()
+            jxz = problem.jvp_xy_g(x, y, z)
+            _count(new, grads=1, hvps=op.n_matvecs + 1)
+            ghat = fx - jxz
+        elif t % self.interval == 0:  # periodic lower-level update (Algorithm 3)
             y, _, new["inner_residual"] = self._sgd(problem, new, x, y, self.n_inner_steps, state["lr_y"])
-        bo, bi = draw(problem, new, "outer"), draw(problem, new, "inner")
-        fval, fx, fy = problem.f_and_grad(x, y, bo)
-        jxz, hz = problem.second_g(x, y, z, bi)
-        _count(new, grads=1, hvps=1)
-        ghat = fx - jxz
-        z = z - state["lr_z"] * (hz - fy)
+        if not adaptive:
+            bo, bi = draw(problem, new, "outer"), draw(problem, new, "inner")
+            fval, fx, fy = problem.f_and_grad(x, y, bo)
+            jxz, hz = problem.second_g(x, y, z, bi)
+            _count(new, grads=1, hvps=1)
+            ghat = fx - jxz
+            z = z - state["lr_z"] * (hz - fy)
         if self.z_radius is not None:
             n = torch.linalg.vector_norm(z)
             z = z * torch.clamp(self.z_radius / n.clamp_min(torch.finfo(z.dtype).tiny), max=1.0)
@@ -184,8 +208,11 @@ class BOREP(BilevelSolver):
             eta = self.lr * (t + 1) ** (-self.lr_decay)
         mn = torch.linalg.vector_norm(m)
         step = m / mn if float(mn) > 0 else torch.zeros_like(m)
+        x_next = problem.project_x(x - eta * step)
+        if adaptive:
+            new["x_next"] = x_next
         new.update(
-            x=problem.project_x(x - eta * step),
+            x=x if adaptive else x_next,
             y=y,
             z=z,
             m=m,
