@@ -38,7 +38,7 @@ def test_default_options_never_end_above_the_start():
 
 def test_initialization_refinement_and_periodic_updates():
     q = _quad()
-    solver = BOREP(lr_y=0.5, init_epochs=4, init_steps=10, interval=3, n_inner_steps=4)
+    solver = BOREP(lr_y=0.5, init_epochs=4, init_steps=10, interval=3, n_inner_steps=4, schedule="paper")
     state = solver.init(q.problem)
     # epoch-SGD at x0: 10 + 20 + 40 + 80 steps
     assert state["grads"] == 150
@@ -79,7 +79,7 @@ def test_refuses_constrained_problem():
 
 def test_save_resume_identical():
     q = _quad(n_batches=4)
-    solver = BOREP(lr=0.1, lr_z=0.5, lr_y=0.5, interval=3)
+    solver = BOREP(lr=0.1, lr_z=0.5, lr_y=0.5, interval=3, schedule="paper")
     full = solver.solve(q.problem, max_iter=14)
     half = solver.solve(q.problem, max_iter=7)
     buf = io.BytesIO()
