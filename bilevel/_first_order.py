@@ -5,9 +5,6 @@ r"""Pieces shared by the single-loop solvers F2SA, BO-REP and LV-HBA.
 * :func:`project_nonneg_ball` — projection onto :math:`\{\lambda \ge 0, \|\lambda\| \le r\}`;
 * :func:`inner_lr` — the inner step :math:`1/L_g` from :func:`bilevel.inner_step_size`'s power
   iteration (the one curvature estimate of :mod:`bilevel`), with its products counted;
-* :func:`first_order_lr` — a first-order (Hessian-free) inner step: the one Armijo backtracking of
-  :func:`curvlab.solvers.armijo` with the descent-lemma constant, for F2SA and LV-HBA;
-* :func:`gd_loop` — warm-started gradient steps until a test holds, halving a step that diverges;
 * :func:`penalty_solve` — :math:`\arg\min_y f + \lambda g` by the same Newton-CG as :func:`bilevel.solve_inner`;
 * :func:`penalty_cap` — the largest useful penalty weight of a dtype (finite-difference reasoning);
 * :func:`bb_step` — the safeguarded Barzilai–Borwein outer step of the deterministic defaults.
@@ -24,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.data import Batch
 from curvlab import Minimize
-from curvlab.solvers import NewtonCG, armijo
+from curvlab.data import Batch
+from curvlab.solvers import NewtonCG
 
 from ._inner import inner_lipschitz
 from ._problem import BilevelProblem
@@ -36,8 +33,6 @@ __all__ = [
     "poly_decay",
     "project_nonneg_ball",
     "inner_lr",
-    "first_order_lr",
-    "gd_loop",
     "penalty_cap",
     "penalty_solve",
     "bb_step",
@@ -87,84 +82,6 @@ def inner_lr(problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tenso
     return 1.0 / L
 
 
-def first_order_lr(
-    problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor, batch: Any
-) -> float:
-    r"""A gradient step on :math:`g(x, \cdot)` from gradients and values only (no Hessian products).
-
-    Backtracking for an unknown Lipschitz constant (Beck & Teboulle 2009, the backtracking rule of
-    FISTA): the largest :math:`t = t_0 2^{-j}` with
-    :math:`g(y - t\nabla g) \le g(y) - \tfrac t2\|\nabla g\|^2` (the descent lemma; Armijo with
-    :math:`c_1 = 1/2`, through :func:`curvlab.solvers.armijo`), from
-    :math:`t_0 = 10 \max(1, \|y\|)/\|\nabla g\|`, then halved once for margin (the test sees the curvature
-    along :math:`\nabla g` only; :func:`gd_loop` halves further if the steps diverge). Counts one
-    gradient in ``state``. Used by F2SA and LV-HBA, which stay Hessian-free; BO-REP, which needs
-    Hessian products anyway, uses :func:`inner_lr`.
-    """
-    g0, _, gy = problem.g_and_grad(x, y, batch)
-    state["grads"] = int(state.get("grads", 0)) + 1
-    gn2 = float(gy @ gy)
-    if not (gn2 > 0 and math.isfinite(gn2)):
-        return 1.0
-    t0 = 10.0 * max(1.0, norm(y)) / math.sqrt(gn2)
-    res = armijo(lambda t: problem.g(x, problem.project_y(y - t * gy), batch), g0, -gn2, t0=t0, c1=0.5, max_iter=60)
-    t = float(res.t) if res.success and res.t > 0 else t0 * 2.0**-60
-    return 0.5 * t
-
-
-def gd_loop(
-    grad: Any,
-    v: Tensor,
-    step: float,
-    project: Any,
-    done: Any,
-    min_steps: int,
-    max_steps: int,
-    accelerate: bool = True,
-) -> tuple[Tensor, Tensor, int, float, int]:
-    r"""Gradient steps on a smooth function from the warm start ``v``, step ``step`` (about :math:`1/L`).
-
-    ``accelerate=False``: :math:`v \leftarrow \Pi(v - \text{step}\,\nabla(v))`, the papers' inner steps.
-    ``accelerate=True``: Nesterov's accelerated gradient (Nesterov 1983; the FISTA sequence of Beck &
-    Teboulle 2009, eq. (4.2)–(4.3)) with the gradient restart of O'Donoghue & Candès 2015, §3.2 (momentum
-    reset when :math:`\nabla(u)^\top(v_{k+1} - v_k) > 0`): :math:`O(\sqrt\kappa)` instead of
-    :math:`O(\kappa)` steps per digit on a deterministic strongly convex problem, without knowing
-    :math:`\mu`. Stops before a step once ``min_steps`` were taken and ``done(grad)`` holds at the
-    current iterate, or after ``max_steps``. A gradient norm growing 1000-fold over the smallest one seen
-    (the step exceeds :math:`2/L` somewhere) halves the step and restarts from the warm start.
-
-    Returns:
-        ``(v, grad(v), steps taken, the step used, gradient evaluations)``.
-    """
-    start, n, evals, best = v, 0, 0, math.inf
-    u, t = v, 1.0  # the point whose gradient is evaluated (the extrapolated one) and FISTA's t_k
-    while True:
-        gu = grad(u)
-        evals += 1
-        gn = norm(gu)
-        if not math.isfinite(gn) or gn > 1e3 * best:
-            step *= 0.5
-            v, u, t, n, best = start, start, 1.0, 0, math.inf
-            if step < 1e-30:
-                return v, grad(v), 0, step, evals + 1
-            continue
-        best = min(best, gn)
-        if n >= max_steps or (n >= min_steps and done(gu)):
-            return u, gu, n, step, evals
-        v_new = project(u - step * gu)
-        n += 1
-        if not accelerate:
-            u = v = v_new
-            continue
-        if float(gu @ (v_new - v)) > 0:  # restart: the momentum points uphill
-            u, t = v_new, 1.0
-        else:
-            t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-            u, t = v_new + ((t - 1.0) / t_new) * (v_new - v), t_new
-            u = project(u)
-        v = v_new
-
-
 def penalty_solve(
     problem: BilevelProblem,
     x: Tensor,
@@ -189,6 +106,8 @@ def penalty_solve(
     xd = x.detach()
     fy = problem.grad_f_y(xd, y0)
     tol = float(rtol) * max(norm(fy), torch.finfo(problem.dtype).tiny)
+    if not math.isfinite(tol):  # non-finite ∇_y f: nothing to solve, the caller's estimate turns non-finite
+        return y0, 1, 0, math.nan
     left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
     prob = Minimize(lambda v: problem.f_diff(xd, v) + lam * problem.g_diff(xd, v), y0.detach().clone())
     r = NewtonCG(cg_maxiter=min(250, 2 * problem.dy + 10)).solve(prob, max_iter=max_iter, tol=tol, time_limit=left)

@@ -52,15 +52,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import BilevelSolver, _check_positive, _count, base_state, options
+from curvlab.checks import check_choice, check_unit
+from curvlab.checks import int_fields as _ci
 from curvlab.linalg import solve
 from curvlab.linops import MatvecOperator
 
+from ._base import BilevelSolver, _check_positive, _count, base_state, options
 from ._first_order import draw, inner_lr, norm
 from ._inner import default_inner_rtol, solve_inner
 from ._problem import BilevelProblem
-from curvlab.checks import check_choice, check_unit
-from curvlab.checks import int_fields as _ci
 
 __all__ = ["BOREP"]
 
@@ -173,6 +173,8 @@ class BOREP(BilevelSolver):
             res = solve_inner(problem, x, y, deadline=self.deadline(state), scale=state.get("inner_scale"))
             y = res.y
             _count(new, grads=res.grads, hvps=res.hvps)
+            if res.status == "nan":  # non-finite g at x: stop with status "nan" at the last finite state
+                return {**state, "outer_value": torch.tensor(float("nan"), dtype=problem.dtype)}
             new["inner_scale"] = state.get("inner_scale") or res.scale
             new["inner_residual"] = res.grad_norm
             fval, fx, fy = problem.f_and_grad(x, y)

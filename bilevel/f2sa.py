@@ -100,7 +100,7 @@ from torch import Tensor
 from curvlab.checks import check_bool, check_choice, int_fields, is_number, positive_fields
 
 from ._base import BilevelSolver, _count, base_state, options
-from ._first_order import bb_step, draw, first_order_lr, norm, penalty_cap, penalty_solve, poly_decay
+from ._first_order import bb_step, draw, inner_lr, norm, penalty_cap, penalty_solve, poly_decay
 from ._inner import default_inner_rtol, solve_inner
 from ._problem import BilevelProblem
 
@@ -222,7 +222,7 @@ class F2SA(BilevelSolver):
         state = base_state(problem)
         lr_z = self.lr_z
         if lr_z is None:
-            lr_z = first_order_lr(problem, state, state["x"], state["y"], problem.draw_inner(0))
+            lr_z = inner_lr(problem, state, state["x"], state["y"], problem.draw_inner(0))
         state["lr_z"] = float(lr_z)
         state["lr_y"] = float(self.lr_y) if self.lr_y is not None else state["lr_z"] / 10
         state["y_lambda"] = state["y"].clone()
@@ -346,6 +346,8 @@ class F2SA(BilevelSolver):
         res = solve_inner(problem, x, z, deadline=dl, scale=state.get("inner_scale"))
         z = res.y
         _count(new, grads=res.grads, hvps=res.hvps)
+        if res.status == "nan":  # non-finite g at x: the run stops with status "nan" at the last finite state
+            return {**state, "outer_value": torch.tensor(math.nan, dtype=problem.dtype)}
         new["inner_scale"] = res.scale if state.get("inner_scale") is None else state["inner_scale"]
         zn = res.grad_norm
         # y: the penalty minimiser y*_λ(x), same Newton-CG, warm-started at the prediction
@@ -354,8 +356,8 @@ class F2SA(BilevelSolver):
         stop = self.interrupted(state, "inner loops")
         if stop is not None:
             return self.stop_inside(state, stop)
-        h, pen, _ = self._direction(problem, new, x, y, z, lam, None, None)
-        hn, pn = norm(h), norm(pen)
+        h, _, _ = self._direction(problem, new, x, y, z, lam, None, None)
+        hn = norm(h)
         fval = problem.f(x, z)
         if self.lr_x is not None:
             x_next = x - float(self.lr_x) * h

@@ -60,12 +60,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.checks import check_choice
+from curvlab.checks import int_fields as _ci
+
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
 from ._first_order import draw, project_nonneg_ball
 from ._problem import BilevelProblem
 from .f2sa import F2SA
-from curvlab.checks import check_choice
-from curvlab.checks import int_fields as _ci
 
 __all__ = ["LVHBA", "project_feasible"]
 

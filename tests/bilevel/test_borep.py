@@ -33,7 +33,7 @@ def test_default_options_never_end_above_the_start():
     q = _quad()
     r = BOREP().solve(q.problem, max_iter=400)
     assert q.outer_value(r.x_flat) < q.outer_value(q.problem.x0)
-    assert r.history[-1]["lr"] <= r.history[0]["lr"] * 1.2 ** 400
+    assert r.history[-1]["lr"] <= r.history[0]["lr"] * 1.2**400
 
 
 def test_initialization_refinement_and_periodic_updates():
