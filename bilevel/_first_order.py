@@ -1,32 +1,48 @@
-"""Small pieces shared by the single-loop solvers F2SA, BO-REP and LV-HBA.
+r"""Pieces shared by the single-loop solvers F2SA, BO-REP and LV-HBA.
 
 * :func:`draw` — the next outer / inner batch, counting draws in the state;
 * :func:`poly_decay` — the polynomial schedules :math:`s_0 ((k + k_0) / k_0)^{-a}` of the papers;
-* :func:`project_nonneg_ball` — projection onto :math:`\\{\\lambda \\ge 0, \\|\\lambda\\| \\le r\\}`;
-* :func:`check_choice`, :func:`check_int` — option validation with clear messages.
+* :func:`project_nonneg_ball` — projection onto :math:`\{\lambda \ge 0, \|\lambda\| \le r\}`;
+* :func:`inner_lr` — the inner step :math:`1/L_g` from :func:`bilevel.inner_step_size`'s power
+  iteration (the one curvature estimate of :mod:`bilevel`), with its products counted;
+* :func:`penalty_solve` — :math:`\arg\min_y f + \lambda g` by the same Newton-CG as :func:`bilevel.solve_inner`;
+* :func:`penalty_cap` — the largest useful penalty weight of a dtype (finite-difference reasoning);
+* :func:`bb_step` — the safeguarded Barzilai–Borwein outer step of the deterministic defaults.
+
+Option checks are those of :mod:`curvlab.checks`.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvlab import Minimize
 from curvlab.data import Batch
+from curvlab.solvers import NewtonCG
 
+from ._inner import inner_lipschitz
 from ._problem import BilevelProblem
 
 __all__ = [
     "draw",
-    "estimate_smoothness_fd",
     "poly_decay",
     "project_nonneg_ball",
-    "check_choice",
-    "check_int",
-    "check_unit",
+    "inner_lr",
+    "penalty_cap",
+    "penalty_solve",
+    "bb_step",
+    "norm",
 ]
+
+
+def norm(v: Tensor) -> float:
+    """The Euclidean norm of a flat tensor as a float."""
+    return float(torch.linalg.vector_norm(v))
 
 
 def draw(problem: BilevelProblem, state: dict[str, Any], which: str) -> Batch:
@@ -39,40 +55,6 @@ def draw(problem: BilevelProblem, state: dict[str, Any], which: str) -> Batch:
     pos = int(state.get(key, 0))
     state[key] = pos + 1
     return problem.draw_outer(pos) if which == "outer" else problem.draw_inner(pos)
-
-
-def estimate_smoothness_fd(
-    grad_y: Any, y: Tensor, iters: int = 10, seed: int = 0, rel_eps: float | None = None
-) -> tuple[float, int]:
-    r"""Largest curvature of a function in ``y`` from gradients only (power iteration on finite differences).
-
-    :math:`H v \approx (\nabla(y + \epsilon v) - \nabla(y)) / \epsilon` keeps a first-order method first
-    order; ``iters`` power iterations give :math:`L \approx \|Hv\|` (an underestimate of
-    :math:`\lambda_{\max}` at worst by the power method's convergence; the callers halve the step for margin).
-
-    Args:
-        grad_y: ``y -> gradient`` (flat).
-        y: the point.
-        iters: power iterations (each one gradient).
-        seed: seed of the start vector.
-        rel_eps: difference step relative to ``max(1, ‖y‖)`` (default ``sqrt(eps)`` of the dtype).
-
-    Returns:
-        ``(L, n_gradients)``.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(y.numel(), generator=gen, dtype=y.dtype).to(y.device)
-    v = v / torch.linalg.vector_norm(v)
-    eps = (math.sqrt(torch.finfo(y.dtype).eps) if rel_eps is None else rel_eps) * max(1.0, float(y.norm()))
-    g0 = grad_y(y)
-    L = 0.0
-    for _ in range(iters):
-        hv = (grad_y(y + eps * v) - g0) / eps
-        n = float(torch.linalg.vector_norm(hv))
-        if not math.isfinite(n) or n == 0.0:
-            break
-        L, v = n, hv / n
-    return max(L, 1e-12), iters + 1
 
 
 def poly_decay(s0: float, k: int, exponent: float, k0: float = 1.0) -> float:
@@ -89,24 +71,114 @@ def project_nonneg_ball(v: Tensor, radius: float) -> Tensor:
     return v * torch.clamp(radius / n.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
 
 
-def check_choice(obj: Any, name: str, choices: tuple[Any, ...]) -> None:
-    """Raise ``ValueError`` unless ``getattr(obj, name)`` is one of ``choices``."""
-    v = getattr(obj, name)
-    if v not in choices:
-        raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {v!r}")
+def inner_lr(problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor, batch: Any) -> float:
+    r""":math:`1/L_g`, :math:`L_g` the top eigenvalue of :math:`\nabla^2_{yy} g(x, y)` on ``batch``.
+
+    :func:`bilevel.inner_lipschitz` (the one HVP power iteration, the estimate behind
+    :func:`bilevel.inner_step_size`); its products are added to ``state["hvps"]``.
+    """
+    L, n = inner_lipschitz(problem, x, y, batch)
+    state["hvps"] = int(state.get("hvps", 0)) + int(n)
+    return 1.0 / L
 
 
-def check_int(obj: Any, *names: str, minimum: int = 1) -> None:
-    """Raise ``ValueError`` unless each option is an ``int`` (not bool) ``>= minimum``."""
-    for n in names:
-        v = getattr(obj, n)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"{type(obj).__name__}.{n} must be an integer >= {minimum}, got {v!r}")
+def penalty_solve(
+    problem: BilevelProblem,
+    x: Tensor,
+    y0: Tensor,
+    lam: float,
+    rtol: float,
+    deadline: float | None = None,
+    max_iter: int = 20,
+) -> tuple[Tensor, int, int, float]:
+    r"""Minimise the penalty objective :math:`f(x, \cdot) + \lambda g(x, \cdot)` from ``y0`` (whole data).
+
+    The lower-level solve of :func:`bilevel.solve_inner` (line-search Newton-CG,
+    :class:`curvlab.solvers.NewtonCG`, on ``curvlab.Minimize``) applied to the penalty objective
+    of F2SA / LV-HBA instead of ``g``, to the gradient test
+    :math:`\|\nabla_y f + \lambda\nabla_y g\| \le` ``rtol`` :math:`\cdot\|\nabla_y f(x, y_0)\|`
+    (the error of :math:`\lambda(y - y^*)` relative to its size). A run that ends at the limit of
+    precision keeps its last iterate.
+
+    Returns:
+        ``(y, gradient evaluations, Hessian-vector products, ‖∇_y f + λ∇_y g‖)``.
+    """
+    xd = x.detach()
+    fy = problem.grad_f_y(xd, y0)
+    tol = float(rtol) * max(norm(fy), torch.finfo(problem.dtype).tiny)
+    if not math.isfinite(tol):  # non-finite ∇_y f: nothing to solve, the caller's estimate turns non-finite
+        return y0, 1, 0, math.nan
+    left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+    prob = Minimize(lambda v: problem.f_diff(xd, v) + lam * problem.g_diff(xd, v), y0.detach().clone())
+    r = NewtonCG(cg_maxiter=min(250, 2 * problem.dy + 10)).solve(prob, max_iter=max_iter, tol=tol, time_limit=left)
+    st = r.state or {}
+    y = r.flat.detach().reshape(-1).to(problem.dtype)
+    if not bool(torch.isfinite(y).all()):
+        y = y0
+    return y, int(r.n_iter) + 2, int(st.get("matvecs", 0)), float(st.get("grad_norm", math.nan))
 
 
-def check_unit(obj: Any, name: str, closed_right: bool = False) -> None:
-    """Raise ``ValueError`` unless the option lies in ``[0, 1)`` (or ``[0, 1]``)."""
-    v = getattr(obj, name)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v and (v <= 1 if closed_right else v < 1)
-    if not ok:
-        raise ValueError(f"{type(obj).__name__}.{name} must be in [0, 1{']' if closed_right else ')'}, got {v!r}")
+def penalty_cap(dtype: torch.dtype) -> float:
+    r"""The largest penalty weight worth reaching in ``dtype``: :math:`\varepsilon^{-1/2}` (6.7e7 in float64).
+
+    A penalty estimate :math:`\lambda(\nabla_x g(x, y_\lambda) - \nabla_x g(x, z))` is a forward
+    difference with step :math:`1/\lambda` (:math:`y_\lambda - z = O(1/\lambda)`): its bias is
+    :math:`O(1/\lambda)` and its rounding error :math:`O(\lambda\varepsilon)`, balanced at
+    :math:`\lambda \approx \varepsilon^{-1/2}` (the textbook step of a forward difference,
+    Nocedal & Wright 2006, eq. (8.6)).
+    """
+    return 1.0 / math.sqrt(torch.finfo(dtype).eps)
+
+
+def bb_step(state: dict[str, Any], new: dict[str, Any], x: Tensor, h: Tensor, fval: float, probe: float) -> Tensor:
+    r"""The deterministic outer update: a nonmonotone Barzilai–Borwein gradient step on the estimate ``h``.
+
+    The global Barzilai–Borwein method (Raydan 1997, Algorithm 1 "GBB"; the spectral step of
+    Barzilai & Borwein 1988, eq. (5)) with the estimate ``h`` of :math:`\nabla F(x)` and the estimate
+    ``fval`` of :math:`F(x)` the caller computed at ``x`` (after its inner loops):
+
+    * ``x`` is accepted when ``fval`` :math:`\le \max_{j < M} F_{k-j} - 10^{-4}\,\eta\,\|h_a\|^2`
+      (Grippo–Lampariello–Lucidi, :math:`M = 10`, :math:`\eta` the step that led to ``x`` from the
+      last accepted point ``x_a``) or when that decrease is below the rounding noise of ``F``
+      (:math:`\sqrt\varepsilon |F|`), or after three rejections in a row (the estimates carry errors of
+      their own: the run moves on rather than stalling); the next step from it is
+      :math:`\eta = s^\top s / s^\top u` (:math:`s = x - x_a`, :math:`u = h - h_a`: the inverse of the curvature of
+      :math:`F` along the last step, from two hypergradient estimates, so the step follows the
+      problem's scale, e.g. :math:`O(n)` for per-example hyperparameters with :math:`O(1/n)`
+      hypergradients), kept within :math:`[10^{-3}, 10^{3}]\times` the previous step; :math:`s^\top u \le 0`
+      (no positive curvature seen) doubles the previous step;
+    * otherwise ``x`` is rejected and the step from ``x_a`` is retried at a quarter of its length
+      (Raydan's backtracking), ``h_a`` reused;
+    * the first step (no accepted point yet) moves by ``probe`` :math:`\cdot\max(1, \|x\|)`.
+
+    Reads and writes ``bb_x``, ``bb_h`` (last accepted point and estimate), ``bb_eta`` (step taken
+    from it), ``bb_f`` (recent accepted values) in ``state`` / ``new``.
+
+    Returns:
+        The next point (before the caller's projection onto ``x_set``).
+    """
+    xa, ha, eta = state.get("bb_x"), state.get("bb_h"), state.get("bb_eta")
+    hist = list(state.get("bb_f") or [])
+    tiny = torch.finfo(h.dtype).tiny
+    if xa is None or ha is None or eta is None:
+        eta = probe * max(1.0, norm(x)) / max(norm(h), tiny)
+        new.update(bb_x=x, bb_h=h, bb_eta=eta, bb_f=[fval], bb_rejects=0)
+        return x - eta * h
+    eta = float(eta)
+    ref = max(hist) if hist else math.inf
+    noise = math.sqrt(torch.finfo(h.dtype).eps) * max(abs(fval), abs(ref) if math.isfinite(ref) else 0.0)
+    need = 1e-4 * eta * float(ha @ ha)
+    rejects = int(state.get("bb_rejects", 0))
+    ok = fval <= ref - need or (fval <= ref + noise and need <= noise) or rejects >= 3
+    if math.isfinite(fval) and ok:
+        s, u = x - xa, h - ha
+        su, ss = float(s @ u), float(s @ s)
+        step = ss / su if su > 0 else 2.0 * eta
+        step = min(max(step, 1e-3 * eta), 1e3 * eta)
+        if not math.isfinite(step) or step <= 0:
+            step = eta
+        new.update(bb_x=x, bb_h=h, bb_eta=step, bb_f=(hist + [fval])[-10:], bb_rejects=0)
+        return x - step * h
+    eta *= 0.25
+    new.update(bb_eta=eta, bb_rejects=rejects + 1)
+    return xa - eta * ha

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from curvlab import distributed as _dist
+from curvlab.checks import check_choice
 from curvlab.data import Batch, Data, Stream
 from curvlab.params import ParamSpec
 from curvlab.problems import ALL
@@ -88,6 +89,11 @@ class BilevelProblem:
         x_set, y_set: :class:`~bilevel.sets.Set` instances (e.g.
             :class:`~bilevel.sets.Box`, :class:`~bilevel.sets.Ball`) onto which
             solvers project ``x`` and ``y``.
+
+    :meth:`value` gives :math:`F(x) = f(x, y^*(x))` with an exact, self-checking inner solve
+    (:func:`bilevel.solve_inner`). ``nn.Module`` variables are evaluated under their
+    :class:`~curvlab.params.ModuleState` (the module's buffers are a snapshot: no evaluation writes
+    into the user's module, e.g. a train-mode BatchNorm's running statistics).
 
     Attributes:
         xspec, yspec: the :class:`~curvlab.params.ParamSpec` of ``x`` and ``y``.
@@ -148,6 +154,8 @@ class BilevelProblem:
             raise ValueError(f"x0 and y0 must share one dtype, got {self.xspec.dtype} and {self.yspec.dtype}")
         self.x0 = self.xspec.flatten()
         self.y0 = self.yspec.flatten()
+        # the ModuleStates of module variables (curvlab.params contract: buffers as functional inputs)
+        self._scopes = [s.state for s in (self.xspec, self.yspec) if s.state.module is not None]
         self.dx = self.xspec.size
         self.dy = self.yspec.size
         self.dtype = self.xspec.dtype
@@ -204,7 +212,12 @@ class BilevelProblem:
         self, fn: Callable[..., Tensor], name: str, x: Tensor, y: Tensor, batch: Batch, weight: float = 1.0
     ) -> Tensor:
         """``weight * fn(x, y, batch)`` as a 0-d tensor (no extra graph nodes for plain 1-D tensors, weight 1)."""
-        out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
+        scopes = self._scopes
+        if scopes:  # nn.Module x / y: run on the snapshot of their buffers (the user's module is never written)
+            with scopes[0].scope(), scopes[-1].scope():
+                out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
+        else:
+            out = fn(_unflatten(self.xspec, x), _unflatten(self.yspec, y), batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise ValueError(
                 f"{name}(x, y, batch) must return a scalar tensor, got {getattr(out, 'shape', type(out).__name__)}"
@@ -459,6 +472,86 @@ class BilevelProblem:
     def project_y(self, y: Tensor) -> Tensor:
         """Projection of flat ``y`` onto ``y_set`` (identity without one)."""
         return y if self.y_set is None else self.y_set.project(y)
+
+    # ---------------------------------------------------------- F(x)
+    def value(
+        self,
+        x: Any = None,
+        y0: Any = None,
+        *,
+        on_failure: str = "warn",
+        return_y: bool = False,
+        **options: Any,
+    ) -> Any:
+        r"""The upper-level objective :math:`F(x) = f(x, y^*(x))` with an exact inner solve.
+
+        :math:`y^*(x)` comes from :func:`bilevel.solve_inner` (Newton-CG on the whole inner data,
+        projected gradient with a ``y_set``; a tolerance reachable in the dtype) from ``y0``; the
+        solve checks its own convergence: when it fails (not converged, a non-finite value, the
+        deadline) :math:`F` is still evaluated at the iterate it reached, and a
+        :class:`bilevel.InnerSolveWarning` is issued (``on_failure="warn"``, the default), a
+        :class:`bilevel.InnerSolveError` raised (``"raise"``) or nothing said (``"ignore"``) —
+        never a silent :math:`F` at a poor :math:`y`. :math:`f` is evaluated on all outer data.
+
+        Args:
+            x: the upper-level point: flat (shape ``(dx,)``) or in the structure of ``x0``
+                (``None``: ``x0``).
+            y0: warm start of the inner solve, flat or in the structure of ``y0`` (``None``: the problem's ``y0``).
+            on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+            return_y: also return the inner solution (flat) and the solve's :class:`bilevel.InnerResult`.
+            **options: passed to :func:`bilevel.solve_inner` (``tol``, ``rtol``, ``max_iter``,
+                ``solver``, ``deadline``, ``scale``).
+
+        Returns:
+            ``F(x)`` as a float; with ``return_y=True`` the tuple ``(F(x), y, inner_result)``.
+
+        Raises:
+            ValueError: a bad ``on_failure`` or ``x`` / ``y0`` that do not fit the problem.
+            bilevel.InnerSolveError: the inner solve failed and ``on_failure="raise"``.
+
+        Example:
+            >>> import torch
+            >>> p = BilevelProblem(lambda x, y, b: ((y - 1) ** 2).sum(),
+            ...                    lambda x, y, b: ((y - x) ** 2).sum(), torch.zeros(2), torch.zeros(2))
+            >>> round(p.value(torch.tensor([1.0, 3.0])), 6)
+            4.0
+        """
+        import warnings
+
+        from ._inner import InnerSolveError, InnerSolveWarning, solve_inner
+
+        check_choice(on_failure, "on_failure", ("warn", "raise", "ignore"))
+        xf = self._flat_arg(x, self.xspec, self.x0, "x")
+        yf = None if y0 is None else self._flat_arg(y0, self.yspec, self.y0, "y0")
+        res = solve_inner(self, xf, yf, **options)
+        F = float(self.f(xf, res.y, ALL))
+        if not res.converged:
+            msg = (
+                f"BilevelProblem.value: the inner solve did not converge (status {res.status.value}, "
+                f"‖∇_y g‖ = {res.grad_norm:.3g} > tol {res.tol:.3g} after {res.n_iter} iterations: {res.message}); "
+                f"F(x) = {F:.6g} is f at that iterate"
+            )
+            if on_failure == "raise":
+                raise InnerSolveError(msg, res)
+            if on_failure == "warn":
+                warnings.warn(msg, InnerSolveWarning, stacklevel=2)
+        return (F, res.y, res) if return_y else F
+
+    def _flat_arg(self, v: Any, spec: ParamSpec, like: Tensor, name: str) -> Tensor:
+        """``v`` as a flat vector of ``spec``'s size, dtype and device (flat tensors or the user's structure)."""
+        if v is None:
+            return like
+        ref = "x0" if spec is self.xspec else "y0"
+        if isinstance(v, Tensor) and v.shape == (spec.size,):
+            flat = v
+        else:
+            try:
+                flat = spec.flatten(v)
+            except (TypeError, KeyError, IndexError, AttributeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{name} must be a flat tensor of shape ({spec.size},) or shaped like {ref}") from e
+        if flat.shape != (spec.size,) or not flat.is_floating_point():
+            raise ValueError(f"{name} must be a flat tensor of shape ({spec.size},) or shaped like {ref}")
+        return flat.detach().to(dtype=like.dtype, device=like.device)
 
     # ---------------------------------------------------------- structures
     def to_user_x(self, x: Tensor) -> Any:

@@ -52,15 +52,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.checks import check_choice, check_unit
+from curvlab.checks import int_fields as _ci
+from curvlab.linalg import solve
+from curvlab.linops import MatvecOperator
+
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._common import estimate_inner_lipschitz
-from ._first_order import check_int, check_unit, draw
+from ._first_order import draw, inner_lr, norm
+from ._inner import default_inner_rtol, solve_inner
 from ._problem import BilevelProblem
 
 __all__ = ["BOREP"]
 
 #: the authors' code's defaults for the lower-level and linear-system step sizes
-_LR_Y, _LR_Z = 5e-2, 1e-2
+_LR_Y, _LR_Z = 5e-2, 1e-2  # (the defaults now follow 1/L_g; kept for reference)
 
 
 @options
@@ -100,6 +105,7 @@ class BOREP(BilevelSolver):
     init_steps: int = 10
     z_radius: float | None = None
     lr_decay: float = 0.0
+    schedule: str = "auto"
 
     supports_constraints = False
 
@@ -109,9 +115,10 @@ class BOREP(BilevelSolver):
             if getattr(self, name) is not None:
                 _check_positive(self, name)
         _check_positive(self, "lr_decay", allow_zero=True)
-        check_unit(self, "momentum")
-        check_int(self, "interval", "n_inner_steps", "init_steps")
-        check_int(self, "init_epochs", minimum=0)
+        check_unit(self.momentum, "BOREP.momentum")
+        check_choice(self.schedule, "BOREP.schedule", ("auto", "adaptive", "paper"))
+        _ci(self, "interval", "n_inner_steps", "init_steps")
+        _ci(self, "init_epochs", minimum=0)
         if self.z_radius is not None:
             _check_positive(self, "z_radius")
 
@@ -140,43 +147,81 @@ class BOREP(BilevelSolver):
         state = base_state(problem)
         lr_y, lr_z = self.lr_y, self.lr_z
         if lr_y is None or lr_z is None:
-            L, n = estimate_inner_lipschitz(problem, state["x"], state["y"], problem.draw_inner(0))
-            _count(state, hvps=n)
-            lr_y = min(_LR_Y, 1.0 / L) if lr_y is None else lr_y
-            lr_z = min(_LR_Z, 1.0 / L) if lr_z is None else lr_z
+            step = inner_lr(problem, state, state["x"], state["y"], problem.draw_inner(0))
+            lr_y = step if lr_y is None else lr_y
+            lr_z = step if lr_z is None else lr_z
         state["lr_y"], state["lr_z"] = float(lr_y), float(lr_z)
         state["y"] = self.refine(problem, state, state["x"], state["y"])
         state["z"] = torch.zeros_like(state["y"])
         state["m"] = torch.zeros_like(state["x"])
+        state["eta"] = float(self.lr)
         return state
+
+    def adaptive(self, problem: BilevelProblem) -> bool:
+        """Whether ``problem`` runs the deterministic ``"adaptive"`` step length."""
+        return not problem.stochastic if self.schedule == "auto" else self.schedule == "adaptive"
 
     def step(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
         new = dict(state)
         t = int(state["iter"])
-        x, y, z = state["x"], state["y"], state["z"]
-        if t % self.interval == 0:  # periodic lower-level update (Algorithm 3)
+        adaptive = self.adaptive(problem)
+        x = state["x_next"] if adaptive and state.get("x_next") is not None else state["x"]
+        y, z = state["y"], state["z"]
+        if adaptive:
+            # deterministic: UpdateLower is the warm-started inner solve of bilevel at every x (so y is the
+            # lower-level solution at the returned x) and z solves ∇²_yy g z = ∇_y f by warm-started CG
+            res = solve_inner(problem, x, y, deadline=self.deadline(state), scale=state.get("inner_scale"))
+            y = res.y
+            _count(new, grads=res.grads, hvps=res.hvps)
+            if res.status == "nan":  # non-finite g at x: stop with status "nan" at the last finite state
+                return {**state, "outer_value": torch.tensor(float("nan"), dtype=problem.dtype)}
+            new["inner_scale"] = state.get("inner_scale") or res.scale
+            new["inner_residual"] = res.grad_norm
+            fval, fx, fy = problem.f_and_grad(x, y)
+            op = MatvecOperator(
+                problem.hvp_yy_operator(x, y), problem.dy, problem.dtype, problem.device, symmetric=True
+            )
+            kr = solve(op, fy, "cg", x0=z, tol=default_inner_rtol(problem.dtype), maxiter=10 * problem.dy + 10)
+            z = kr.x.detach()
+            jxz = problem.jvp_xy_g(x, y, z)
+            _count(new, grads=1, hvps=op.n_matvecs + 1)
+            ghat = fx - jxz
+        elif t % self.interval == 0:  # periodic lower-level update (Algorithm 3)
             y, _, new["inner_residual"] = self._sgd(problem, new, x, y, self.n_inner_steps, state["lr_y"])
-        bo, bi = draw(problem, new, "outer"), draw(problem, new, "inner")
-        fval, fx, fy = problem.f_and_grad(x, y, bo)
-        jxz, hz = problem.second_g(x, y, z, bi)
-        _count(new, grads=1, hvps=1)
-        ghat = fx - jxz
-        z = z - state["lr_z"] * (hz - fy)
+        if not adaptive:
+            bo, bi = draw(problem, new, "outer"), draw(problem, new, "inner")
+            fval, fx, fy = problem.f_and_grad(x, y, bo)
+            jxz, hz = problem.second_g(x, y, z, bi)
+            _count(new, grads=1, hvps=1)
+            ghat = fx - jxz
+            z = z - state["lr_z"] * (hz - fy)
         if self.z_radius is not None:
             n = torch.linalg.vector_norm(z)
             z = z * torch.clamp(self.z_radius / n.clamp_min(torch.finfo(z.dtype).tiny), max=1.0)
         m = self.momentum * state["m"] + (1 - self.momentum) * ghat
-        eta = self.lr * (t + 1) ** (-self.lr_decay)
+        if self.adaptive(problem):
+            # deterministic: the step length follows the problem — it grows (x 1.2) while the new estimate
+            # still agrees with the last direction and f decreased, and halves otherwise (the step overshot)
+            eta = float(state.get("eta", self.lr))
+            if t > 0:
+                better = float(fval) < float(state["outer_value"])
+                eta = eta * (1.2 if better and float(ghat @ state["m"]) > 0 else 0.5)
+        else:
+            eta = self.lr * (t + 1) ** (-self.lr_decay)
         mn = torch.linalg.vector_norm(m)
         step = m / mn if float(mn) > 0 else torch.zeros_like(m)
+        x_next = problem.project_x(x - eta * step)
+        if adaptive:
+            new["x_next"] = x_next
         new.update(
-            x=problem.project_x(x - eta * step),
+            x=x if adaptive else x_next,
             y=y,
             z=z,
             m=m,
+            eta=eta,
             iter=t + 1,
             outer_value=fval,
-            hypergrad_norm=float(torch.linalg.vector_norm(ghat)),
+            hypergrad_norm=norm(ghat),
             log={"lr": eta, "momentum_norm": float(mn)},
         )
         return new

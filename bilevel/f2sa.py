@@ -20,12 +20,23 @@ whose x-gradient needs only gradients, because
       + \lambda_k\big(\nabla_x g(x_k, y_{k+1}) - \nabla_x g(x_k, z_{k+1})\big)\Big],\qquad
     \lambda_{k+1} = \lambda_k + \delta_k .
 
-Schedules (the step-size design of Theorem 3.1 / Corollary 3.2 as we read it):
-:math:`\alpha_k = \alpha_0 ((k + k_0)/k_0)^{-a}`, :math:`\gamma_k = \gamma_0 ((k + k_0)/k_0)^{-c}`
-and :math:`\lambda_k = \lambda_0 ((k + k_0)/k_0)^{a - c}`, i.e. :math:`\delta_k = \lambda_{k+1} - \lambda_k`;
-with the paper's coupling :math:`\lambda_k = \gamma_k / (2\alpha_k)` the default ``lmbda0`` is
-``lr_z / (2 lr_y)``, so the ``y`` step on the penalty term, :math:`\alpha_k\lambda_k = \gamma_k/2`,
-stays stable as :math:`\lambda_k` grows. The exponents ``(a, c)`` per noise regime:
+Here ``z`` tracks the lower-level solution :math:`y^*(x)` and ``y`` the penalty minimiser
+:math:`y^*_\lambda(x) = \arg\min_y f + \lambda g`. **What a run returns**: ``BilevelResult.y``
+(``state["y"]``) is the paper's ``z`` — the lower-level iterate at ``x`` — and the penalty
+iterate is ``state["y_lambda"]``; ``history["outer_value"]`` is :math:`f(x_k, z_{k+1})`, the outer
+objective at that lower-level iterate (an estimate of :math:`F(x_k)` as good as ``z``);
+``hypergrad_norm`` is the norm of the bracket above, the estimate the stop rule of
+:meth:`~bilevel.BilevelSolver.solve` tests (relative to its first value; default ``rtol``
+:math:`\max(10^{-4}, \sqrt\varepsilon)`).
+
+Two schedules (``schedule=``):
+
+``"paper"`` — Algorithm 1 as written, with the step-size design of Theorem 3.1 / Corollary 3.2 as we
+read it: :math:`\alpha_k = \alpha_0 ((k + k_0)/k_0)^{-a}`, :math:`\gamma_k = \gamma_0 ((k + k_0)/k_0)^{-c}`,
+:math:`\lambda_k = \lambda_0 ((k + k_0)/k_0)^{a - c}` (so :math:`\delta_k = \lambda_{k+1} - \lambda_k`),
+the paper's coupling :math:`\lambda_0 = \gamma_0/(2\alpha_0)` (the ``y`` step on the penalty term,
+:math:`\alpha_k\lambda_k = \gamma_k/2`, stays stable as :math:`\lambda_k` grows), ``T = n_inner_steps``
+fixed. The exponents ``(a, c)`` per noise regime:
 
 ==========================  =================  ==========================
 regime                      ``(a, c)``         iterations to ε-stationary
@@ -43,26 +54,39 @@ overrides the table. With ``momentum=True`` the x-direction uses the momentum-as
 :math:`h_{k-1}(\xi_k)` re-evaluates the previous direction on the new samples and
 :math:`\eta_k = \min(1, c_\eta ((k + k_0)/k_0)^{-2a})`; the momentum regimes then use
 ``(a, c) = (3/5, 2/5)`` (both noisy) and ``(1/2, 1/4)`` (upper noise only).
+Defaults: ``T = 10``, ``ξ = 1``, ``k_0 = 1``, :math:`\gamma_0 = 1/L_g` (``lr_z=None``; :math:`L_g` from
+:func:`bilevel.inner_lipschitz`, the one HVP power iteration, at ``(x0, y0)``: at most 20 products
+once, every iteration is first order), :math:`\alpha_0 = \gamma_0/10`.
 
-Only gradients of ``f`` and ``g`` are used: the ``hvps`` counter stays 0. Lower-level
-constraints are not supported (use :class:`~bilevel.LVHBA`); ``x`` is projected onto
+``"adaptive"`` — the deterministic default (``schedule="auto"`` on a problem without minibatches).
+The paper's deterministic schedule cannot meet a tolerance in practice: its bias is
+:math:`O(1/\lambda_k)` (Lemma 3.1: :math:`\|\nabla\mathcal L^*_\lambda - \nabla F\| = O(1/\lambda)`) with
+:math:`\lambda_k \propto k^{1/3}`, and its x step :math:`\xi\alpha_k = \xi\gamma_k/(2\lambda_k)` shrinks
+as :math:`\lambda_k` grows (measured on a condition-100 quadratic: relative error 2e-2 after 5000
+iterations). Without noise the stochastic-approximation constraints are not needed, so the same
+updates run with
+
+* :math:`\lambda_{k+1} = \min(\rho\lambda_k, \lambda_{\max})` (``lmbda_growth`` :math:`\rho = 2`),
+  :math:`\lambda_{\max}` = ``lmbda_max`` or :math:`\lambda_0/\sqrt\varepsilon`
+  (:func:`~bilevel._first_order.penalty_cap`: the bracket is a forward difference with step
+  :math:`1/\lambda`, whose bias :math:`O(1/\lambda)` and rounding :math:`O(\lambda\varepsilon)` balance
+  there); when :math:`\lambda` grows, ``y`` is moved to :math:`z + (y - z)\lambda_k/\lambda_{k+1}`,
+  the first-order prediction of :math:`y^*_{\lambda_{k+1}}` (:math:`y^*_\lambda - y^* = O(1/\lambda)`);
+* the ``z`` and ``y`` loops (steps :math:`\gamma = 1/L_g`, and :math:`\alpha\lambda = \gamma/2` as in
+  the paper's coupling, halved if ``y`` diverges) run until their errors are small *relative to the
+  estimate they feed*: :math:`\lambda\|\nabla_y g(x, z)\|` and
+  :math:`\|\nabla_y f(x, y) + \lambda\nabla_y g(x, y)\|` below
+  ``inner_rtol`` :math:`\cdot\|\nabla_y f(x, y)\|\cdot\min(1, \|h_{k-1}\| / \|P_{k-1}\|)`
+  (:math:`P` the penalty part of the bracket; both errors enter :math:`h` through the same
+  :math:`\nabla^2_{xy} g (\nabla^2_{yy} g)^{-1}` as :math:`\nabla_y f` does), at least ``n_inner_steps``
+  and at most ``max_inner_steps`` steps each;
+* the x step :math:`\eta_k` is a safeguarded Barzilai–Borwein step on the bracket
+  (:func:`~bilevel._first_order.bb_step`) instead of :math:`\xi\alpha_k`, so it follows the
+  curvature of :math:`F` (per-example hyperparameters get :math:`O(n)` steps) rather than
+  :math:`1/\lambda_k`; ``lr_x`` fixes it instead.
+
+Lower-level constraints are not supported (use :class:`~bilevel.LVHBA`); ``x`` is projected onto
 ``x_set`` and ``y``, ``z`` onto ``y_set`` when given.
-
-Defaults: ``T = 10`` inner steps, ``ξ = 1``, ``k_0 = 1``, ``lr_z = 1/L_g`` estimated at the start from
-gradients only, ``lr_y = lr_z/10``. The paper's theory asks for :math:`\gamma_k \le 1/(4 l_{g,1} T)`-type
-bounds that depend on unknown constants, so no fixed step size is scale-free; the estimate makes the
-defaults follow the inner problem's scale (``y`` is then stable while :math:`L_{f,y} \lesssim 15 L_g`).
-Setting them by hand on a new problem (what we found works, e.g. ``examples/bilevel_compare.py``):
-
-* ``lr_z`` :math:`\approx 1/L_g` (:math:`L_g` the smoothness of ``g`` in ``y``): the ``z`` loop is plain
-  gradient descent on :math:`g(x, \cdot)`;
-* ``lr_y`` (:math:`\alpha_0`) :math:`\lesssim 1/L_F`, the smoothness of :math:`F`, since the ``x`` step is
-  :math:`\xi\alpha_k` (raise ``outer_ratio`` ξ, not ``lr_y``, when ``x`` moves too slowly: ``lr_y`` also
-  sets :math:`\lambda_0 = \gamma_0/(2\alpha_0)`);
-* the bias of the penalty method is :math:`O(1/\lambda_k)`, and :math:`\lambda_k` grows only like
-  :math:`k^{a - c}` (:math:`k^{1/3}` deterministic), so F2SA approaches :math:`x^*` polynomially, not
-  linearly: it needs many cheap iterations (no HVPs), e.g. 1500 on the 20 × 50 quadratic of the example
-  to reach :math:`F - F^* \approx 7 \cdot 10^{-2}`.
 """
 
 from __future__ import annotations
@@ -73,8 +97,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._first_order import check_choice, check_int, draw, estimate_smoothness_fd, poly_decay
+from curvlab.checks import check_bool, check_choice, int_fields, is_number, positive_fields
+
+from ._base import BilevelSolver, _count, base_state, options
+from ._first_order import bb_step, draw, inner_lr, norm, penalty_cap, penalty_solve, poly_decay
+from ._inner import default_inner_rtol, solve_inner
 from ._problem import BilevelProblem
 
 __all__ = ["F2SA"]
@@ -94,26 +121,33 @@ class F2SA(BilevelSolver):
     r"""Fully first-order bilevel solver (Kwon et al. 2023, Algorithm 1; Algorithm 2 with ``momentum=True``).
 
     Args:
-        lr_y: :math:`\alpha_0`, step size of ``y`` on :math:`f + \lambda g` (and, times ``outer_ratio``, of ``x``);
-            ``None`` (default) gives ``lr_z / 10`` (so :math:`\lambda_0 = 5`).
-        lr_z: :math:`\gamma_0`, step size of ``z`` on ``g``; ``None`` (default) gives :math:`1/L_g` with
-            :math:`L_g` estimated at ``(x0, y0)`` from 11 gradients of ``g`` (finite-difference power
-            iteration — no Hessian products), stored in the state.
+        lr_y: :math:`\alpha_0`, step size of ``y`` on :math:`f + \lambda g` (``"paper"``: times ``outer_ratio``
+            also of ``x``); ``None`` (default) gives ``lr_z / 10`` (so :math:`\lambda_0 = 5`).
+        lr_z: :math:`\gamma_0`, step size of ``z`` on ``g``; ``None`` (default) gives :math:`1/L_g` from
+            :func:`bilevel.inner_lipschitz` at ``(x0, y0)``, stored in the state.
         lmbda0: :math:`\lambda_0`; ``None`` gives the paper's :math:`\gamma_0 / (2\alpha_0)`.
-        outer_ratio: :math:`\xi`, the x step is :math:`\xi\alpha_k`.
-        n_inner_steps: :math:`T`, inner ``y``/``z`` steps per outer step.
-        regime: ``"auto"``, ``"deterministic"``, ``"upper_stochastic"`` or ``"stochastic"`` (schedule table).
+        outer_ratio: :math:`\xi`, the ``"paper"`` x step is :math:`\xi\alpha_k`.
+        n_inner_steps: :math:`T`, inner ``y``/``z`` steps per outer step (``"adaptive"``: the minimum).
+        regime: ``"auto"``, ``"deterministic"``, ``"upper_stochastic"`` or ``"stochastic"`` (``"paper"`` table).
         exponents: ``(a, c)`` overriding the regime's decay exponents of :math:`\alpha_k, \gamma_k`.
         k0: offset :math:`k_0 \ge 1` of the schedules.
         momentum: use the momentum-assisted x-gradient estimator (Algorithm 2).
         momentum_c: :math:`c_\eta` in :math:`\eta_k = \min(1, c_\eta ((k+k_0)/k_0)^{-2a})`.
+        schedule: ``"auto"`` (``"adaptive"`` without minibatches, else ``"paper"``), ``"adaptive"`` or
+            ``"paper"`` (see the module docstring).
+        lr_x: ``"adaptive"`` only: a fixed x step instead of the Barzilai–Borwein one.
+        lmbda_growth: ``"adaptive"``: factor :math:`\rho > 1` of the penalty per outer iteration.
+        lmbda_max: ``"adaptive"``: cap of :math:`\lambda` (``None``: :math:`\lambda_0/\sqrt\varepsilon`).
+        max_inner_steps: ``"adaptive"``: cap of each inner loop per outer iteration.
+        inner_rtol: ``"adaptive"``: relative accuracy of the inner loops (see the module docstring).
+        probe: ``"adaptive"``: length of the first x step relative to :math:`\max(1, \|x_0\|)`.
 
     Example:
         >>> from bilevel.problems import quadratic
         >>> q = quadratic(dx=3, dy=4)
-        >>> r = F2SA(lr_y=0.05, lr_z=0.5).solve(q.problem, max_iter=5)
-        >>> r.state["hvps"]
-        0
+        >>> r = F2SA().solve(q.problem, max_iter=2000)
+        >>> r.status, bool((r.x_flat - q.x_star).norm() < 1e-3 * q.x_star.norm())
+        ('converged', True)
     """
 
     lr_y: float | None = None
@@ -126,34 +160,53 @@ class F2SA(BilevelSolver):
     k0: float = 1.0
     momentum: bool = False
     momentum_c: float = 1.0
+    schedule: str = "auto"
+    lr_x: float | None = None
+    lmbda_growth: float = 2.0
+    lmbda_max: float | None = None
+    max_inner_steps: int = 100
+    inner_rtol: float = 0.1
+    probe: float = 1e-2
+    accelerate: bool = True
 
     supports_constraints = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, "outer_ratio", "momentum_c")
-        for name in ("lr_y", "lr_z"):
-            if getattr(self, name) is not None:
-                _check_positive(self, name)
-        if self.lmbda0 is not None:
-            _check_positive(self, "lmbda0")
-        check_int(self, "n_inner_steps")
-        check_choice(self, "regime", ("auto", "deterministic", "upper_stochastic", "stochastic"))
-        check_choice(self, "momentum", (True, False))
-        if not (isinstance(self.k0, (int, float)) and not isinstance(self.k0, bool) and self.k0 >= 1):
+        positive_fields(self, "outer_ratio", "momentum_c", "inner_rtol", "probe")
+        positive_fields(self, "lr_y", "lr_z", "lmbda0", "lr_x", "lmbda_max", optional=True)
+        int_fields(self, "n_inner_steps", "max_inner_steps")
+        check_choice(self.regime, "F2SA.regime", ("auto", "deterministic", "upper_stochastic", "stochastic"))
+        check_choice(self.schedule, "F2SA.schedule", ("auto", "adaptive", "paper"))
+        if not isinstance(self.momentum, bool):
+            raise ValueError(f"F2SA.momentum must be True or False, got {self.momentum!r}")
+        check_bool(self.momentum, "F2SA.momentum")
+        if not (is_number(self.k0) and self.k0 >= 1 and math.isfinite(self.k0)):
             raise ValueError(f"F2SA.k0 must be a number >= 1, got {self.k0!r}")
+        if not (is_number(self.lmbda_growth) and 1 < self.lmbda_growth < math.inf):
+            raise ValueError(f"F2SA.lmbda_growth must be a finite number > 1, got {self.lmbda_growth!r}")
+        if self.max_inner_steps < self.n_inner_steps:
+            raise ValueError(
+                f"F2SA.max_inner_steps must be >= n_inner_steps ({self.n_inner_steps}), got {self.max_inner_steps}"
+            )
         if self.exponents is not None:
             ok = (
                 isinstance(self.exponents, (tuple, list))
                 and len(self.exponents) == 2
-                and all(isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= 1 for e in self.exponents)
+                and all(is_number(e) and math.isfinite(e) and 0 <= e <= 1 for e in self.exponents)
                 and self.exponents[1] <= self.exponents[0]
             )
             if not ok:
                 raise ValueError(f"F2SA.exponents must be (a, c) with 0 <= c <= a <= 1, got {self.exponents!r}")
 
     # ------------------------------------------------------------------ #
-    def schedule(self, problem: BilevelProblem) -> tuple[float, float]:
-        """The decay exponents ``(a, c)`` of :math:`\\alpha_k` and :math:`\\gamma_k` used on ``problem``."""
+    def adaptive(self, problem: BilevelProblem) -> bool:
+        """Whether ``problem`` runs the ``"adaptive"`` (deterministic) schedule."""
+        if self.schedule == "auto":
+            return not problem.stochastic
+        return self.schedule == "adaptive"
+
+    def schedule_exponents(self, problem: BilevelProblem) -> tuple[float, float]:
+        """The decay exponents ``(a, c)`` of :math:`\\alpha_k` and :math:`\\gamma_k` of the ``"paper"`` schedule."""
         if self.exponents is not None:
             return float(self.exponents[0]), float(self.exponents[1])
         regime = self.regime
@@ -169,14 +222,13 @@ class F2SA(BilevelSolver):
         state = base_state(problem)
         lr_z = self.lr_z
         if lr_z is None:
-            bi = problem.draw_inner(0)
-            L, n = estimate_smoothness_fd(lambda v: problem.grad_g_y(state["x"], v, bi), state["y"])
-            _count(state, grads=n)
-            lr_z = 1.0 / L
+            lr_z = inner_lr(problem, state, state["x"], state["y"], problem.draw_inner(0))
         state["lr_z"] = float(lr_z)
         state["lr_y"] = float(self.lr_y) if self.lr_y is not None else state["lr_z"] / 10
-        state["z"] = state["y"].clone()
+        state["y_lambda"] = state["y"].clone()
         state["lmbda"] = self._lmbda0(state)
+        if self.adaptive(problem):
+            self._warm_penalty(problem, state)
         if self.momentum:
             state["direction"] = None
             state["prev"] = None
@@ -185,23 +237,31 @@ class F2SA(BilevelSolver):
     @staticmethod
     def _direction(
         problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor, z: Tensor, lam: float, bo: Any, bi: Any
-    ) -> tuple[Tensor, Tensor]:
-        """:math:`\\nabla_x f(x, y) + \\lambda(\\nabla_x g(x, y) - \\nabla_x g(x, z))` and ``f(x, y)``."""
-        fval, fx, _ = problem.f_and_grad(x, y, bo)
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The bracket :math:`\\nabla_x f(x, y) + \\lambda(\\nabla_x g(x, y) - \\nabla_x g(x, z))`, its penalty
+        part and :math:`\\nabla_y f(x, y)`."""
+        _, fx, fy = problem.f_and_grad(x, y, bo)
         gxy = problem.grad_g_x(x, y, bi)
         gxz = problem.grad_g_x(x, z, bi)
         _count(state, grads=3)
-        return fx + lam * (gxy - gxz), fval
+        pen = lam * (gxy - gxz)
+        return fx + pen, pen, fy
 
     def step(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
+        if self.adaptive(problem):
+            return self._step_adaptive(problem, state)
+        return self._step_paper(problem, state)
+
+    # ------------------------------------------------------------------ "paper"
+    def _step_paper(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
         new = dict(state)
         new["log"] = {}
         k = int(state["iter"])
-        a, c = self.schedule(problem)
+        a, c = self.schedule_exponents(problem)
         alpha = poly_decay(state["lr_y"], k, a, self.k0)
         gamma = poly_decay(state["lr_z"], k, c, self.k0)
         lam = float(state["lmbda"])
-        x, y, z = state["x"], state["y"], state["z"]
+        x, y, z = state["x"], state["y_lambda"], state["y"]
         gz = None
         for _ in range(self.n_inner_steps):
             bi, bo = draw(problem, new, "inner"), draw(problem, new, "outer")
@@ -212,23 +272,108 @@ class F2SA(BilevelSolver):
             z = problem.project_y(z - gamma * gz)
             y = problem.project_y(y - alpha * (fy + lam * gy))
         bo, bi = draw(problem, new, "outer"), draw(problem, new, "inner")
-        h, fval = self._direction(problem, new, x, y, z, lam, bo, bi)
+        h, _, _ = self._direction(problem, new, x, y, z, lam, bo, bi)
         if self.momentum:
             prev = state.get("prev")
             if prev is not None:
                 eta = min(1.0, self.momentum_c * ((k + self.k0) / self.k0) ** (-2 * a))
-                h_old, _ = self._direction(problem, new, prev["x"], prev["y"], prev["z"], prev["lmbda"], bo, bi)
+                h_old, _, _ = self._direction(problem, new, prev["x"], prev["y"], prev["z"], prev["lmbda"], bo, bi)
                 h = h + (1 - eta) * (state["direction"] - h_old)
             new["direction"] = h
             new["prev"] = {"x": x, "y": y, "z": z, "lmbda": lam}
         new["x"] = problem.project_x(x - self.outer_ratio * alpha * h)
-        new["y"], new["z"] = y, z
+        new["y_lambda"], new["y"] = y, z
         lam0 = self._lmbda0(state)
         lam_next = lam0 * ((k + 1 + self.k0) / self.k0) ** (a - c)
         new["lmbda"] = lam + (lam_next - lam0 * ((k + self.k0) / self.k0) ** (a - c))  # + δ_k
         new["iter"] = k + 1
-        new["outer_value"] = fval
-        new["hypergrad_norm"] = float(torch.linalg.vector_norm(h))
-        new["inner_residual"] = float(torch.linalg.vector_norm(gz)) if gz is not None else float("nan")
+        new["outer_value"] = problem.f(x, z, bo)
+        new["hypergrad_norm"] = norm(h)
+        new["inner_residual"] = norm(gz) if gz is not None else float("nan")
         new["log"] = {"lmbda": lam, "alpha": alpha, "gamma": gamma}
+        return new
+
+    # ------------------------------------------------------------------ "adaptive"
+    def _lmbda_max(self, state: dict[str, Any], problem: BilevelProblem) -> float:
+        if self.lmbda_max is not None:
+            return float(self.lmbda_max)
+        return self._lmbda0(state) * penalty_cap(problem.dtype)
+
+    def _penalty_y(self, problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor, lam: float) -> Tensor:
+        rtol_y = max(default_inner_rtol(problem.dtype), 100.0 * lam * torch.finfo(problem.dtype).eps)
+        y, ng, nh, _ = penalty_solve(problem, x, y, lam, rtol_y, self.deadline(state))
+        _count(state, grads=ng, hvps=nh)
+        return y
+
+    def _warm_penalty(self, problem: BilevelProblem, state: dict[str, Any]) -> None:
+        r"""``"adaptive"``: double :math:`\lambda_0` at ``x0`` until the estimate settles (< 1 % change).
+
+        The bias of the estimate is :math:`O(1/\lambda)`, so a too small :math:`\lambda_0` would make the first
+        hypergradient — the reference of the relative stop test — too small or wrong; each doubling costs one
+        warm-started penalty solve at ``x0``.
+        """
+        x = state["x"]
+        res = solve_inner(problem, x, state["y"])
+        _count(state, grads=res.grads, hvps=res.hvps)
+        state["inner_scale"] = res.scale
+        z, lam, lam_max = res.y, float(state["lmbda"]), self._lmbda_max(state, problem)
+        y = self._penalty_y(problem, state, x, z, lam)
+        h, _, _ = self._direction(problem, state, x, y, z, lam, None, None)
+        while lam < lam_max:
+            lam2 = min(2.0 * lam, lam_max)
+            y2 = self._penalty_y(problem, state, x, problem.project_y(z + (y - z) * (lam / lam2)), lam2)
+            h2, _, _ = self._direction(problem, state, x, y2, z, lam2, None, None)
+            done = norm(h2 - h) <= 1e-2 * norm(h2)
+            lam, y, h = lam2, y2, h2
+            if done:
+                break
+        state.update(y=z, y_lambda=y, lmbda=lam)
+
+    def _step_adaptive(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
+        new = dict(state)
+        k = int(state["iter"])
+        # state["x"] is the last point evaluated (its z, F and h are in the state); the step waits in x_next
+        x = state["x_next"] if state.get("x_next") is not None else state["x"]
+        y, z = state["y_lambda"], state["y"]
+        lam = float(state["lmbda"])
+        lam_max = self._lmbda_max(state, problem)
+        if k > 0 and lam < lam_max:  # geometric growth, y moved to the first-order prediction of y*_λ
+            lam_new = min(lam * self.lmbda_growth, lam_max)
+            y = problem.project_y(z + (y - z) * (lam / lam_new))
+            lam = lam_new
+        # z: the lower-level solution at x (the one inner solve of bilevel, warm-started)
+        dl = self.deadline(state)
+        res = solve_inner(problem, x, z, deadline=dl, scale=state.get("inner_scale"))
+        z = res.y
+        _count(new, grads=res.grads, hvps=res.hvps)
+        if res.status == "nan":  # non-finite g at x: the run stops with status "nan" at the last finite state
+            return {**state, "outer_value": torch.tensor(math.nan, dtype=problem.dtype)}
+        new["inner_scale"] = res.scale if state.get("inner_scale") is None else state["inner_scale"]
+        zn = res.grad_norm
+        # y: the penalty minimiser y*_λ(x), same Newton-CG, warm-started at the prediction
+        y = self._penalty_y(problem, new, x, y, lam)
+        n_in = res.n_iter
+        stop = self.interrupted(state, "inner loops")
+        if stop is not None:
+            return self.stop_inside(state, stop)
+        h, _, _ = self._direction(problem, new, x, y, z, lam, None, None)
+        hn = norm(h)
+        fval = problem.f(x, z)
+        if self.lr_x is not None:
+            x_next = x - float(self.lr_x) * h
+        else:
+            x_next = bb_step(state, new, x, h, float(fval), self.probe)
+        eta = float(new.get("bb_eta", self.lr_x or 0.0))
+        new.update(
+            x=x,
+            x_next=problem.project_x(x_next),
+            y=z,
+            y_lambda=y,
+            lmbda=lam,
+            iter=k + 1,
+            outer_value=fval,
+            hypergrad_norm=hn,
+            inner_residual=zn,
+            log={"lmbda": lam, "lr_x": eta, "inner_steps": n_in},
+        )
         return new

@@ -60,9 +60,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.checks import check_choice
+from curvlab.checks import int_fields as _ci
+
 from ._base import BilevelSolver, _check_positive, _count, base_state, options
-from ._first_order import check_int, draw, project_nonneg_ball
+from ._first_order import draw, project_nonneg_ball
 from ._problem import BilevelProblem
+from .f2sa import F2SA
 
 __all__ = ["LVHBA", "project_feasible"]
 
@@ -136,16 +140,35 @@ class LVHBA(BilevelSolver):
     lmbda0: float = 0.0
     feasibility_steps: int = 50
     feasibility_tol: float = 1e-10
+    schedule: str = "auto"
 
     supports_constraints = True
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "lr_z", "lr_inner", "gamma1", "gamma2", "c_lower", "multiplier_radius")
         _check_positive(self, "p", "lmbda0", "feasibility_tol", allow_zero=True)
-        check_int(self, "feasibility_steps", minimum=0)
+        _ci(self, "feasibility_steps", minimum=0)
+        check_choice(self.schedule, "LVHBA.schedule", ("auto", "adaptive", "paper"))
+
+    def adaptive(self, problem: BilevelProblem) -> bool:
+        """Whether ``problem`` runs the deterministic ``"adaptive"`` schedule (no minibatches, no constraints)."""
+        if self.schedule == "auto":
+            return not problem.stochastic and not problem.constrained
+        if self.schedule == "adaptive" and problem.constrained:
+            raise ValueError("LVHBA(schedule='adaptive') handles unconstrained problems; use schedule='paper'")
+        return self.schedule == "adaptive"
+
+    def _engine(self) -> F2SA:
+        return F2SA(schedule="adaptive", lmbda0=self.c_lower)
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         self.check_problem(problem)
+        if self.adaptive(problem):
+            st = self._engine().init(problem)
+            st["c"] = st.pop("lmbda")
+            st["lmbda"] = torch.zeros(0, dtype=problem.dtype, device=problem.device)
+            st["y_penalty"] = st.pop("y_lambda")
+            return st
         state = base_state(problem)
         m = problem.n_constraints
         lam = torch.full((m,), float(self.lmbda0), dtype=problem.dtype, device=problem.device)
@@ -155,6 +178,16 @@ class LVHBA(BilevelSolver):
         return state
 
     def step(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
+        if self.adaptive(problem):
+            st = dict(state)
+            st["lmbda"], st["y_lambda"] = st.pop("c"), st.pop("y_penalty")
+            eng = self._engine()
+            eng._hook = getattr(self, "_hook", None)
+            new = eng.step(problem, st)
+            new["c"], new["y_penalty"] = new.pop("lmbda"), new.pop("y_lambda")
+            new["lmbda"] = state["lmbda"]
+            new["log"] = {**new.get("log", {}), "violation": 0.0, "c_k": new["c"]}
+            return new
         new = dict(state)
         k = int(state["iter"])
         ck = self.c_lower * (k + 1) ** self.p

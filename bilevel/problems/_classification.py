@@ -65,24 +65,19 @@ class LinearClassifier:
         with torch.no_grad():
             return float(self.losses(torch.as_tensor(W), X, t).mean())
 
-    @staticmethod
-    def _lbfgs(fn: Any, W0: Tensor, max_iter: int) -> Tensor:
-        W = W0.detach().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [W],
-            lr=1.0,
-            max_iter=max_iter,
-            tolerance_grad=1e-10,
-            tolerance_change=1e-14,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
+    problem: Any
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            v = fn(W)
-            v.backward()
-            return v
+    def _inner_solution(self, x: Any, max_iter: int | None, on_failure: str) -> Tensor:
+        """``W*(x)`` of shape ``(d + 1, C)`` by :func:`bilevel.solve_inner` on the full training set.
 
-        opt.step(closure)
-        return W.detach()
+        Newton-CG to a tolerance reachable in the dtype; a failed solve warns
+        (:class:`bilevel.InnerSolveWarning`) or raises (``on_failure="raise"``), see
+        :meth:`bilevel.BilevelProblem.value`.
+        """
+        p = self.problem
+        x = torch.as_tensor(x, dtype=p.dtype, device=p.device).detach().reshape(-1)
+        if x.numel() == 1 and p.dx > 1:
+            x = x.expand(p.dx)
+        opts = {} if max_iter is None else {"max_iter": max_iter}
+        _, y, _ = p.value(x, on_failure=on_failure, return_y=True, **opts)
+        return y.reshape(self.n_features + 1, self.n_out)

@@ -5,12 +5,27 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["load_dataset", "split", "FASHION_MNIST_DIRS"]
+__all__ = ["load_dataset", "as_arrays", "split", "FASHION_MNIST_DIRS", "IJCNN_LIKE"]
+
+#: the ``make_classification`` settings of ``"ijcnn_like"``: ijcnn1's 22 features and ~10 % positives
+#: (LIBSVM's ijcnn1, used by benchopt's ``logreg_l2`` bilevel benchmark), small enough for a 2-core CPU
+IJCNN_LIKE = dict(
+    n_samples=4000,
+    n_features=22,
+    n_informative=8,
+    n_redundant=4,
+    n_clusters_per_class=2,
+    weights=[0.9],
+    flip_y=0.03,
+    class_sep=0.8,
+    random_state=0,
+)
 
 #: where Debian's ``dataset-fashion-mnist`` package may put its files (searched in order)
 FASHION_MNIST_DIRS = (
@@ -59,7 +74,8 @@ def _find_fashion(dirs: tuple[str, ...]) -> dict[str, str]:
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(n, d)`` (float64) and integer labels ``(n,)`` of ``"breast_cancer"``, ``"digits"`` or
+    """Features ``(n, d)`` (float64) and integer labels ``(n,)`` of ``"breast_cancer"``, ``"digits"``,
+    ``"ijcnn_like"`` (:func:`sklearn.datasets.make_classification` with :data:`IJCNN_LIKE`) or
     ``"fashion-mnist"`` (train and test files concatenated, pixels scaled to ``[0, 1]``).
 
     Raises:
@@ -68,12 +84,42 @@ def load_dataset(name: str, data_dir: str | None = None) -> tuple[np.ndarray, np
     """
     if name in ("breast_cancer", "digits"):
         return _sklearn(name)
+    if name in ("ijcnn_like", "ijcnn-like"):
+        try:
+            from sklearn.datasets import make_classification
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("the 'ijcnn_like' data set is made by scikit-learn: pip install scikit-learn") from e
+        X, y = make_classification(**IJCNN_LIKE)  # type: ignore[arg-type]
+        return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
     if name in ("fashion-mnist", "fashion_mnist"):
         files = _find_fashion((data_dir,) if data_dir else FASHION_MNIST_DIRS)
         X = np.concatenate([_read_idx(files["train-images"]), _read_idx(files["t10k-images"])])
         y = np.concatenate([_read_idx(files["train-labels"]), _read_idx(files["t10k-labels"])])
         return X.reshape(len(X), -1).astype(np.float64) / 255.0, y.astype(np.int64)
-    raise ValueError(f"dataset must be 'breast_cancer', 'digits' or 'fashion-mnist', got {name!r}")
+    raise ValueError(f"dataset must be 'breast_cancer', 'digits', 'ijcnn_like' or 'fashion-mnist', got {name!r}")
+
+
+def as_arrays(data: Any, name: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+    """A user's ``(X, y)`` (numpy arrays, tensors or lists) as float64 features ``(n, d)`` and labels ``0..C-1``.
+
+    Labels may be any values (e.g. ``-1/+1``); they are mapped to ``0..C-1`` in sorted order.
+
+    Raises:
+        TypeError: ``data`` is not a pair.
+        ValueError: ``X`` not 2-D, ``y`` not 1-D of the same length, fewer than two classes, non-finite features.
+    """
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{name} must be a data set name or a pair (X, y) of arrays, got {type(data).__name__}")
+    X = np.asarray(data[0].cpu() if hasattr(data[0], "cpu") else data[0], dtype=np.float64)
+    y = np.asarray(data[1].cpu() if hasattr(data[1], "cpu") else data[1])
+    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+        raise ValueError(f"{name} = (X, y) needs X of shape (n, d) and y of shape (n,), got {X.shape} and {y.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{name}: X has non-finite entries")
+    classes, t = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"{name}: y needs at least two classes, got {classes.tolist()}")
+    return X, t.astype(np.int64)
 
 
 def split(

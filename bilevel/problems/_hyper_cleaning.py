@@ -105,15 +105,22 @@ class HyperCleaning(LinearClassifier):
         w = self.weights(x)
         return float(w[self.corrupted_mask].mean()), float(w[~self.corrupted_mask].mean())
 
-    def solve_inner(self, x: Tensor | None = None, max_iter: int = 500) -> Tensor:
-        """``W*(x)`` by L-BFGS on the full corrupted training set; ``x=None`` trains unweighted (all weights 1)."""
-        A, b = self.splits["train"]
-        w = torch.ones(len(b), dtype=A.dtype) if x is None else self.weights(x).to(A.dtype)
-        return self._lbfgs(
-            lambda W: (w * self.losses(W, A, b)).mean() + self.reg * (W**2).sum(),
-            torch.zeros(self.n_features + 1, self.n_out, dtype=A.dtype),
-            max_iter,
-        )
+    def solve_inner(self, x: Tensor | None = None, max_iter: int | None = None, on_failure: str = "warn") -> Tensor:
+        r"""``W*(x)`` (shape ``(d + 1, C)``) on the full corrupted training set; ``x=None`` trains unweighted.
+
+        Unweighted means every example weight 1 (``x = +50``: :math:`\sigma(x) = 1` to the dtype's precision).
+        Delegates to :func:`bilevel.solve_inner` (Newton-CG to a reachable tolerance; formerly L-BFGS without
+        a convergence check): a solve that does not converge warns (:class:`bilevel.InnerSolveWarning`) or
+        raises with ``on_failure="raise"``.
+
+        Args:
+            x: weight logits, shape ``(n_train,)``, or ``None``.
+            max_iter: Newton iteration cap (``None``: :func:`bilevel.solve_inner`'s default).
+            on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+        """
+        if x is None:
+            x = torch.full((self.n_train,), 50.0, dtype=self.problem.dtype)
+        return self._inner_solution(x, max_iter, on_failure)
 
     def __repr__(self) -> str:
         return (

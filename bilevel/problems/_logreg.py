@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._problem import BilevelProblem
 from ._classification import LinearClassifier
-from ._datasets import load_dataset, split
+from ._datasets import as_arrays, load_dataset, split
 
 __all__ = ["LogRegHyperparameter", "logreg"]
 
@@ -36,7 +36,7 @@ class LogRegHyperparameter(LinearClassifier):
 
     def __init__(
         self,
-        dataset: str,
+        dataset: Any,
         per_feature: bool,
         n_batches: int | None,
         sizes: tuple[float, float, float],
@@ -44,10 +44,10 @@ class LogRegHyperparameter(LinearClassifier):
         dtype: torch.dtype,
         x0: float,
     ) -> None:
-        X, t = load_dataset(dataset)
+        X, t = load_dataset(dataset) if isinstance(dataset, str) else as_arrays(dataset)
         tr, va, te = split(X, t, sizes, seed, dtype)
         self.splits = {"train": tr, "val": va, "test": te}
-        self.dataset = dataset
+        self.dataset = dataset if isinstance(dataset, str) else "custom"
         self.n_features = X.shape[1]
         self.n_classes = int(t.max()) + 1
         self.per_feature = per_feature
@@ -78,22 +78,26 @@ class LogRegHyperparameter(LinearClassifier):
         sq = (W[:-1] ** 2).sum(1)
         return 0.5 * (torch.exp(x) * sq).sum() if self.per_feature else 0.5 * torch.exp(x[0]) * sq.sum()
 
-    def solve_inner(self, x: Tensor, max_iter: int = 500) -> Tensor:
-        """The inner solution ``W*(x)`` by L-BFGS on the full training set (for references and baselines)."""
-        A, b = self.splits["train"]
-        x = torch.as_tensor(x, dtype=A.dtype).reshape(-1).detach()
-        return self._lbfgs(
-            lambda W: self.losses(W, A, b).mean() + self.penalty(x, W),
-            torch.zeros(self.n_features + 1, self.n_out, dtype=A.dtype),
-            max_iter,
-        )
+    def solve_inner(self, x: Tensor, max_iter: int | None = None, on_failure: str = "warn") -> Tensor:
+        """The inner solution ``W*(x)`` (shape ``(d + 1, C)``) on the full training set, for references and baselines.
+
+        Delegates to :func:`bilevel.solve_inner` (Newton-CG to a reachable tolerance; it used to be an
+        L-BFGS run that silently stopped far from ``W*`` once a penalty reached ~1e12): a solve that does
+        not converge warns (:class:`bilevel.InnerSolveWarning`) or raises with ``on_failure="raise"``.
+
+        Args:
+            x: log-regularisation (flat, shape ``(1,)`` or ``(d,)``; a scalar is broadcast).
+            max_iter: Newton iteration cap (``None``: :func:`bilevel.solve_inner`'s default).
+            on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+        """
+        return self._inner_solution(x, max_iter, on_failure)
 
     def __repr__(self) -> str:
         return f"LogRegHyperparameter(dataset={self.dataset!r}, per_feature={self.per_feature})"
 
 
 def logreg(
-    dataset: str = "breast_cancer",
+    dataset: Any = "breast_cancer",
     per_feature: bool = False,
     n_batches: int | None = None,
     sizes: tuple[float, float, float] = (0.5, 0.25, 0.25),
@@ -104,7 +108,10 @@ def logreg(
     r"""L2-regularised logistic regression hyperparameter selection on scikit-learn data.
 
     Args:
-        dataset: ``"breast_cancer"`` (binary, 30 features) or ``"digits"`` (10 classes, 64 features).
+        dataset: ``"breast_cancer"`` (binary, 30 features), ``"digits"`` (10 classes, 64 features),
+            ``"ijcnn_like"`` (binary, 22 features, ~10 % positives: :func:`sklearn.datasets.make_classification`
+            shaped like LIBSVM's ijcnn1, 4000 samples), or your own data as a pair ``(X, y)`` of arrays or
+            tensors (features ``(n, d)``, labels ``(n,)`` of any values, mapped to ``0..C-1``).
         per_feature: one regularisation strength per feature instead of one in total.
         n_batches: split train and validation data into that many minibatches (stochastic problem);
             ``None``: one full batch each.

@@ -62,6 +62,7 @@ from .damping import RatioDamping, gain_ratio, interpolated_increase
 from .egn import EGN
 from .gauss_newton import GaussNewton
 from .gradient_descent import GradientDescent
+from .lbfgs import lbfgs_direction, lbfgs_update
 from .line_search import Armijo, LineSearchResult, armijo
 from .mfac import MFAC
 from .newton_cg import NewtonCG
@@ -78,6 +79,8 @@ __all__ = [
     "armijo",
     "Armijo",
     "LineSearchResult",
+    "lbfgs_direction",
+    "lbfgs_update",
     "RatioDamping",
     "gain_ratio",
     "interpolated_increase",

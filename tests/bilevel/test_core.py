@@ -177,9 +177,10 @@ def test_oracle_counts():
     q = quadratic(dx=3, dy=5)
     r = bl.IFT(lr=0.1, inner_lr=0.5, T=3, K=6).solve(q.problem, max_iter=4)
     h = r.history
-    assert h["grads"] == [4 * k for k in range(1, 5)]  # T inner gradients + 1 outer gradient per step
+    # T inner gradients + ∇f + the recorded ∇_y g of the hypergradient per step
+    assert h["grads"] == [5 * k for k in range(1, 5)]
     assert h["hvps"] == [6 * k for k in range(1, 5)]  # K - 1 Neumann products + 1 mixed product
-    r = bl.ITD(lr=0.1, inner_lr=0.5, K=7).solve(q.problem, max_iter=2)
+    r = bl.ITD(lr=0.1, inner_lr=0.5, K=7, optimizer="sgd").solve(q.problem, max_iter=2)
     assert (r.state["grads"], r.state["hvps"]) == (16, 14)
     assert set(h.keys()) >= {"iter", "outer_value", "hypergrad_norm", "inner_residual", "time", "grads", "hvps"}
 
@@ -226,3 +227,119 @@ def test_progress_bar_runs():
     q = quadratic(dx=2, dy=3)
     r = bl.ITD().solve(q.problem, max_iter=3, progress=True)
     assert r.n_iter == 3 and len(r.history) == 3
+
+
+# -------------------------------------------------------------- the stop rule of BilevelSolver.solve
+@pytest.mark.parametrize("name", ["AID", "IFT", "ITD"])
+def test_deterministic_save_and_resume_with_defaults_is_bit_identical(name, tmp_path):
+    q = quadratic(dx=4, dy=6, cond=20.0, seed=5)
+    full = getattr(bl, name)().solve(q.problem, max_iter=8, window=0, tol=0.0)
+    half = getattr(bl, name)().solve(q.problem, max_iter=4, window=0, tol=0.0)
+    torch.save(half.state, tmp_path / "s.pt")
+    resumed = getattr(bl, name)().solve(
+        q.problem, max_iter=8, window=0, tol=0.0, state=torch.load(tmp_path / "s.pt", weights_only=False)
+    )
+    assert resumed.n_iter == full.n_iter
+    assert torch.equal(resumed.x_flat, full.x_flat) and torch.equal(resumed.y_flat, full.y_flat)
+    assert resumed.state["grads"] == full.state["grads"] and resumed.state["hvps"] == full.state["hvps"]
+
+
+def test_relative_tolerance_and_old_absolute_calls():
+    q = quadratic(dx=3, dy=5, cond=10.0, seed=2)
+    r = bl.AID().solve(q.problem, max_iter=500, rtol=1e-4)
+    h0 = r.state["hg_scale"]
+    assert r.status == "converged" and "rtol" in r.message
+    assert r.history["hypergrad_norm"][-1] <= 1e-4 * h0
+    assert all(v > 1e-4 * h0 for v in r.history["hypergrad_norm"][:-1])  # stopped at the first that met it
+    # tol alone is the old absolute test; tol=0 switches it off (runs until another test or max_iter)
+    r = bl.AID(lr=0.05, optimizer="sgd").solve(q.problem, max_iter=15, tol=0.0, window=0)
+    assert r.status == "max_iter" and r.n_iter == 15
+    with pytest.raises(ValueError, match="rtol"):
+        bl.AID().solve(q.problem, rtol=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        bl.AID().solve(q.problem, window=-1)
+    with pytest.raises(ValueError, match="time_limit"):
+        bl.AID().solve(q.problem, time_limit=0.0)
+
+
+def test_no_progress_window_stops_as_converged():
+    q = quadratic(dx=3, dy=5, cond=10.0, seed=2)
+    # fixed tiny steps: F changes below its rounding noise, the hypergradient stays large
+    r = bl.AID(lr=1e-30, optimizer="sgd").solve(q.problem, max_iter=500, tol=0.0)
+    assert r.status == "converged" and "no progress" in r.message and r.n_iter <= 12  # 10 flat after the 1st
+    r = bl.AID(lr=1e-30, optimizer="sgd").solve(q.problem, max_iter=30, tol=0.0, window=0)
+    assert r.status == "max_iter"
+
+
+def test_a_step_at_a_stationary_point_reports_convergence():
+    q = quadratic(dx=3, dy=5, cond=10.0, seed=2)
+    p = BilevelProblem(q.problem.outer, q.problem.inner, q.x_star.clone(), q.y_star(q.x_star).clone())
+    r = bl.AID().solve(p, max_iter=1000, rtol=0.0, window=0)  # only the step's own test can stop it
+    assert r.status == "converged" and r.n_iter <= 5
+    assert "line search" in r.message or "predicted decrease" in r.message
+
+
+def _slow_problem(delay):
+    import time
+
+    q = quadratic(dx=3, dy=5, cond=10.0, seed=2)
+
+    def inner(x, y, b):
+        time.sleep(delay)
+        return q.problem.inner(x, y, b)
+
+    return q, BilevelProblem(q.problem.outer, inner, q.problem.x0.clone(), q.problem.y0.clone())
+
+
+def test_time_limit_stops_inside_an_outer_iteration():
+    import time
+
+    q, p = _slow_problem(0.01)  # every inner evaluation costs 10 ms: one outer iteration takes far longer than 0.3 s
+    t = time.perf_counter()
+    r = bl.AID().solve(p, max_iter=100, time_limit=0.3)
+    elapsed = time.perf_counter() - t
+    assert r.status == "time_limit"
+    assert elapsed < 1.5, elapsed  # bounded by a few oracle calls after the deadline, not by an iteration
+    assert bool(torch.isfinite(r.x_flat).all())
+    assert r.state.get("status") is None  # the state resumes
+    r2 = bl.AID().solve(q.problem, max_iter=100, state=r.state)
+    assert r2.status == "converged"
+
+
+def test_callback_can_stop_inside_an_outer_iteration():
+    q, p = _slow_problem(0.005)
+    views = []
+
+    def cb(s):
+        views.append(dict(s))
+        return bool(s.get("partial"))
+
+    solver = bl.AID()
+    solver.callback_interval = 0.0  # call from inside at every phase
+    r = solver.solve(p, max_iter=100, callback=cb)
+    assert r.status == "callback" and "inside" in r.message
+    inside = [v for v in views if v.get("partial")]
+    assert inside and inside[-1]["phase"] in ("adjoint", "line_search")
+    assert r.n_iter == inside[-1]["iter"]  # the last completed iteration is returned
+
+
+def test_users_module_is_untouched():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    X = torch.randn(32, 4, dtype=D)
+    t = torch.randn(32, 1, dtype=D)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def inner(x, params, batch):
+        out = torch.func.functional_call(net, params, (X,))
+        return ((out - t) ** 2).mean() + torch.exp(x).sum() * sum((w**2).sum() for w in params.values())
+
+    def outer(x, params, batch):
+        return ((torch.func.functional_call(net, params, (X,)) - t) ** 2).mean()
+
+    p = BilevelProblem(outer, inner, torch.tensor([-3.0], dtype=D), net)
+    for name in ("AID", "IFT", "ITD"):
+        r = getattr(bl, name)().solve(p, max_iter=3)
+        assert isinstance(r.y, nn.Sequential) and r.y is not net
+        after = net.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), name

@@ -59,7 +59,7 @@ def test_toy_paper_defaults_reduce_distance():
 
 def test_converges_on_unconstrained_quadratic():
     q = quadratic(dx=5, dy=8, cond=4.0, reg=1.0, coupling=1.0)
-    r = LVHBA(lr=0.5, lr_inner=0.5, c_lower=1.0, p=0.5).solve(q.problem, max_iter=1000)
+    r = LVHBA(lr=0.5, lr_inner=0.5, c_lower=1.0, p=0.5, schedule="paper").solve(q.problem, max_iter=1000, rtol=0.0)
     assert float((r.x_flat - q.x_star).norm() / q.x_star.norm()) < 3e-2  # stated tolerance: 3 %
     assert r.state["hvps"] == 0
     assert r.state["lmbda"].numel() == 0
@@ -116,3 +116,22 @@ def test_bad_options_rejected(kw):
 def test_unknown_option_rejected():
     with pytest.raises(TypeError, match="unknown option"):
         LVHBA(alpha=0.1)
+
+
+def test_defaults_converge_on_the_closed_form_quadratic():
+    """Defaults (deterministic unconstrained: "adaptive"): relative F gap < 1e-3, "converged", honest y = θ = y*(x)."""
+    q = quadratic(dx=4, dy=12, cond=100.0, seed=3)
+    r = LVHBA().solve(q.problem, max_iter=20000)
+    gap = (q.outer_value(r.x_flat) - q.outer_star) / (q.outer_value(q.problem.x0) - q.outer_star)
+    assert r.status == "converged" and r.n_iter < 2000, (r.status, r.n_iter)
+    assert 0 <= gap < 1e-3
+    ys = q.y_star(r.x_flat)
+    assert float((r.y_flat - ys).norm()) <= 1e-6 * float(ys.norm())
+    assert r.outer_value == pytest.approx(q.outer_value(r.x_flat), rel=1e-9)
+
+
+def test_adaptive_refuses_constraints():
+    p, _, _ = toy(n=3)
+    with pytest.raises(ValueError, match="schedule='paper'"):
+        LVHBA(schedule="adaptive").solve(p, max_iter=1)
+    assert not LVHBA().adaptive(p)  # "auto" keeps Algorithm 1 on a constrained problem

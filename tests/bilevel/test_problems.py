@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bilevel as bl
-from bilevel.problems import constrained_svm, hyper_cleaning, logreg, lvhba_toy, quadratic
+from bilevel.problems import constrained_svm, hyper_cleaning, logreg, lvhba_toy, quadratic, weight_decay
 
 pytest.importorskip("sklearn")
 D = torch.float64
@@ -36,18 +36,17 @@ def test_stochastic_quadratic_batches_average_to_the_deterministic_problem():
         assert float(torch.linalg.eigvalsh(qs.problem.draw_inner(k)[0]).min()) > 0
 
 
-@pytest.mark.parametrize("dataset,per_feature", [("breast_cancer", False), ("digits", True)])
+@pytest.mark.parametrize("dataset,per_feature", [("breast_cancer", False), ("breast_cancer", True)])
 def test_logreg_hyperparameter_selection_lowers_validation_loss(dataset, per_feature):
     lr_ = logreg(dataset, per_feature=per_feature, x0=2.0)
     p = lr_.problem
     assert p.dx == (lr_.n_features if per_feature else 1)
     W0 = lr_.solve_inner(p.x0)
-    r = bl.AID(lr=1.0 if per_feature else 0.5, optimizer="adam" if per_feature else "sgd", inner_steps=50).solve(
-        p, max_iter=15
-    )
+    r = bl.AID().solve(p, max_iter=15, time_limit=60.0)  # defaults
     W1 = lr_.solve_inner(r.x_flat)
     assert lr_.loss(W1, "val") < lr_.loss(W0, "val")
     assert 0.8 < lr_.test_accuracy(W1) <= 1.0
+    assert p.value(r.x_flat) == pytest.approx(lr_.loss(W1, "val"), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["IFT", "AID"])
@@ -55,15 +54,30 @@ def test_hyper_cleaning_on_digits(name):
     h = hyper_cleaning("digits", corruption=0.5)
     assert h.corrupted_mask.float().mean().item() == pytest.approx(0.5, abs=0.05)
     base = h.test_accuracy(h.solve_inner(None))  # unweighted training on the corrupted set
-    solver = {
-        "IFT": bl.IFT(lr=0.3, optimizer="adam", T=10, K=10),
-        "AID": bl.AID(lr=0.3, optimizer="adam", inner_steps=30, solve_maxiter=20, solve_tol=1e-4),
-    }[name]
-    r = solver.solve(h.problem, max_iter=30)
-    acc = h.test_accuracy(r.y)
+    r = getattr(bl, name)().solve(h.problem, max_iter=30, time_limit=60.0)  # defaults
+    acc = h.test_accuracy(h.solve_inner(r.x_flat))  # retrained at the returned weights
     corrupted, clean = h.mean_weights(r.x)
     assert acc > base + 0.1, (acc, base)
     assert corrupted < 0.5 * clean, (corrupted, clean)
+
+
+def test_weight_decay_mlp_problem():
+    w = weight_decay()
+    p = w.problem
+    assert p.dy == 64 * 32 + 32 + 32 * 10 + 10 == 2410 and p.dx == 2 and p.dtype == torch.float32
+    assert w.layers == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    y = w.retrain(p.x0, on_failure="raise")
+    assert all(torch.equal(before[k], v) for k, v in w.model.state_dict().items())
+    # the penalty by hand: ½ Σ_l e^{x_l} ‖θ_l‖²
+    params = p.yspec.unflatten(y)
+    pen = 0.5 * sum(torch.exp(p.x0[i]) * sum((params[n] ** 2).sum() for n in ns) for i, ns in enumerate(w.layers))
+    A, b = w.splits["train"]
+    assert float(p.g(p.x0, y)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(w._logits(y, A), b) + pen), rel=1e-5
+    )
+    assert w.accuracy(y, "test") > 0.9
+    assert w.loss(y, "val") == pytest.approx(float(p.f(p.x0, y)), rel=1e-5)
 
 
 def test_fashion_mnist_missing_gives_install_hint(tmp_path):
