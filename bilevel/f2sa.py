@@ -102,7 +102,7 @@ from curvlab.checks import check_bool, check_choice, int_fields, is_number, posi
 from ._base import BilevelSolver, _count, base_state, options
 from ._first_order import bb_step, draw, inner_lr, norm, penalty_cap, penalty_solve, poly_decay
 from ._inner import default_inner_rtol, solve_inner
-from ._problem import BilevelProblem
+from ._problem import ALL, BilevelProblem
 
 __all__ = ["F2SA"]
 
@@ -318,11 +318,11 @@ class F2SA(BilevelSolver):
         state["inner_scale"] = res.scale
         z, lam, lam_max = res.y, float(state["lmbda"]), self._lmbda_max(state, problem)
         y = self._penalty_y(problem, state, x, z, lam)
-        h, _, _ = self._direction(problem, state, x, y, z, lam, None, None)
+        h, _, _ = self._direction(problem, state, x, y, z, lam, ALL, ALL)
         while lam < lam_max:
             lam2 = min(2.0 * lam, lam_max)
             y2 = self._penalty_y(problem, state, x, problem.project_y(z + (y - z) * (lam / lam2)), lam2)
-            h2, _, _ = self._direction(problem, state, x, y2, z, lam2, None, None)
+            h2, _, _ = self._direction(problem, state, x, y2, z, lam2, ALL, ALL)
             done = norm(h2 - h) <= 1e-2 * norm(h2)
             lam, y, h = lam2, y2, h2
             if done:
@@ -356,7 +356,7 @@ class F2SA(BilevelSolver):
         stop = self.interrupted(state, "inner loops")
         if stop is not None:
             return self.stop_inside(state, stop)
-        h, _, _ = self._direction(problem, new, x, y, z, lam, None, None)
+        h, _, _ = self._direction(problem, new, x, y, z, lam, ALL, ALL)
         hn = norm(h)
         fval = problem.f(x, z)
         if self.lr_x is not None:
