@@ -32,7 +32,7 @@ and, in ``log``, ``step_size``, ``ls_trials``, ``inner_iters``, ``solve_iters``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,31 +65,49 @@ class _StopRunError(Exception):
 
 @dataclass
 class Config:
-    """The resolved pieces of a composite solver on one problem (see :class:`Composite` for the meanings)."""
+    """The resolved pieces of a composite solver on one problem (see :class:`Composite` for the meanings).
+
+    Build it with :meth:`on`, which fills what follows from the problem; a preset passes only what it sets.
+    """
 
     estimator: str  # "implicit" | "unroll"
-    inner: Any  # solve_inner's solver: None | "newton" | "gd" | a curvlab Solver
-    inner_steps: int | None  # cap of inner iterations per solve (None: solve_inner's default)
-    inner_tol: float | None
-    inner_rtol: float | None
-    sgd_steps: int | None  # fixed gradient steps per outer iteration instead of solve_inner (IFT's T, minibatches)
-    inner_lr: float | None
-    solve: Any
-    solve_tol: float | None
-    solve_maxiter: int | None
-    solve_options: dict[str, Any]
-    warm_start: bool
-    K: int | None  # unrolled steps (None: adaptive)
-    K_max: int
-    bias_tol: float
     optimizer: str  # "lbfgs" | "gd" | "adam" | "normalized" | "sgd"
     line_search: bool
-    lr: float | None
-    fixed_lr: float
-    memory: int
-    c1: float
-    max_backtracks: int
-    betas: tuple[float, float]
+    inner: Any = None  # solve_inner's solver: None | "newton" | "gd" | a curvlab Solver
+    inner_steps: int | None = None  # cap of inner iterations per solve (None: solve_inner's default)
+    inner_tol: float | None = None
+    inner_rtol: float | None = None
+    sgd_steps: int | None = (
+        None  # fixed gradient steps per outer iteration instead of solve_inner (IFT's T, minibatches)
+    )
+    inner_lr: float | None = None
+    solve: Any = "auto"
+    solve_tol: float | None = None  # None: adjoint_tol(problem)
+    solve_maxiter: int | None = None  # None: adjoint_maxiter(problem)
+    solve_options: dict[str, Any] = field(default_factory=dict)
+    warm_start: bool = True
+    K: int | None = None  # unrolled steps (None: adaptive)
+    K_max: int = 0  # set by on(): k_max(problem)
+    bias_tol: float = 0.0  # set by on(): default_bias_tol(problem)
+    lr: float | None = None
+    fixed_lr: float = 1e-2  # the fixed step of the stochastic updates: lr, else the preset's default
+    memory: int = 10
+    c1: float = 1e-4
+    max_backtracks: int = 10
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @classmethod
+    def on(cls, problem: BilevelProblem, *, default_lr: float = 1e-2, **fields: Any) -> Config:
+        """The config on ``problem``: unset adjoint tolerance and cap, ``K_max`` and ``bias_tol`` from the problem,
+        ``fixed_lr`` = ``lr`` or ``default_lr``."""
+        cfg = cls(**fields)
+        if cfg.solve_tol is None:
+            cfg.solve_tol = adjoint_tol(problem)
+        if cfg.solve_maxiter is None:
+            cfg.solve_maxiter = adjoint_maxiter(problem)
+        cfg.K_max, cfg.bias_tol = k_max(problem), default_bias_tol(problem)
+        cfg.fixed_lr = cfg.lr if cfg.lr is not None else default_lr
+        return cfg
 
 
 class CompositeSolver(BilevelSolver):
@@ -554,7 +572,8 @@ class Composite(CompositeSolver):
 
     def config(self, problem: BilevelProblem) -> Config:
         opt, ls = resolve_optimizer("Composite", self.optimizer, self.line_search, problem, "adam")
-        return Config(
+        return Config.on(
+            problem,
             estimator=self.estimator,
             inner=self.inner,
             inner_steps=self.inner_steps,
@@ -563,17 +582,14 @@ class Composite(CompositeSolver):
             sgd_steps=None if not problem.stochastic else (self.inner_steps or 10),
             inner_lr=self.inner_lr,
             solve=self.linear_solve,
-            solve_tol=self.solve_tol if self.solve_tol is not None else adjoint_tol(problem),
-            solve_maxiter=self.solve_maxiter if self.solve_maxiter is not None else adjoint_maxiter(problem),
+            solve_tol=self.solve_tol,
+            solve_maxiter=self.solve_maxiter,
             solve_options=dict(self.solve_options or {}),
             warm_start=self.warm_start,
             K=self.K,
-            K_max=k_max(problem),
-            bias_tol=default_bias_tol(problem),
             optimizer=opt,
             line_search=ls,
             lr=self.lr,
-            fixed_lr=self.lr if self.lr is not None else 1e-2,
             memory=self.memory,
             c1=self.c1,
             max_backtracks=self.max_backtracks,

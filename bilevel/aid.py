@@ -48,10 +48,6 @@ from ._base import options
 from ._composite import (
     CompositeSolver,
     Config,
-    adjoint_maxiter,
-    adjoint_tol,
-    default_bias_tol,
-    k_max,
     resolve_optimizer,
     validate_common,
 )
@@ -160,7 +156,9 @@ class AID(CompositeSolver):
         if ls is None and self.optimizer == "sgd":  # old rule: SGD searches on deterministic data without lr
             ls = not problem.stochastic and self.lr is None
         opt, ls = resolve_optimizer("AID", self.optimizer, ls, problem, "sgd")
-        return Config(
+        return Config.on(
+            problem,
+            default_lr=0.1,
             estimator="implicit",
             inner=self._inner_solver(problem),
             inner_steps=None if problem.stochastic else self.inner_steps,
@@ -169,17 +167,12 @@ class AID(CompositeSolver):
             sgd_steps=(self.inner_steps or 100) if problem.stochastic else None,
             inner_lr=self.inner_lr,
             solve=self.linear_solve,
-            solve_tol=self.solve_tol if self.solve_tol is not None else adjoint_tol(problem),
-            solve_maxiter=self.solve_maxiter if self.solve_maxiter is not None else adjoint_maxiter(problem),
-            solve_options={},
+            solve_tol=self.solve_tol,
+            solve_maxiter=self.solve_maxiter,
             warm_start=self.warm_start,
-            K=None,
-            K_max=k_max(problem),
-            bias_tol=default_bias_tol(problem),
             optimizer=opt,
             line_search=ls,
             lr=self.lr,
-            fixed_lr=self.lr if self.lr is not None else 0.1,
             memory=self.memory,
             c1=self.c1,
             max_backtracks=self.max_backtracks,

@@ -40,10 +40,6 @@ from ._base import options
 from ._composite import (
     CompositeSolver,
     Config,
-    adjoint_maxiter,
-    adjoint_tol,
-    default_bias_tol,
-    k_max,
     resolve_optimizer,
     validate_common,
 )
@@ -113,28 +109,18 @@ class IFT(CompositeSolver):
             solve_options.setdefault("K", self.K)
             if self.alpha is not None:
                 solve_options.setdefault("alpha", self.alpha)
-        return Config(
+        return Config.on(
+            problem,
             estimator="implicit",
             inner=self.inner,
-            inner_steps=None,
-            inner_tol=None,
-            inner_rtol=None,
             sgd_steps=T,
             inner_lr=self.inner_lr,
             solve=self.linear_solve,
-            solve_tol=tol if tol is not None else adjoint_tol(problem),
-            solve_maxiter=maxiter if maxiter is not None else adjoint_maxiter(problem),
+            solve_tol=tol,
+            solve_maxiter=maxiter,
             solve_options=solve_options,
-            warm_start=True,
-            K=None,
-            K_max=k_max(problem),
-            bias_tol=default_bias_tol(problem),
             optimizer=opt,
             line_search=ls,
             lr=self.lr,
-            fixed_lr=self.lr if self.lr is not None else 1e-2,
-            memory=10,
-            c1=1e-4,
-            max_backtracks=10,
             betas=self.betas,
         )

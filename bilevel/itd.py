@@ -37,7 +37,7 @@ import torch
 from curvlab.checks import check_bool, check_choice
 
 from ._base import options
-from ._composite import CompositeSolver, Config, default_bias_tol, k_max, resolve_optimizer, validate_common
+from ._composite import CompositeSolver, Config, resolve_optimizer, validate_common
 from ._hypergradient import unrolled_hypergradient
 from ._problem import BilevelProblem
 
@@ -91,28 +91,15 @@ class ITD(CompositeSolver):
     def config(self, problem: BilevelProblem) -> Config:
         opt, ls = resolve_optimizer("ITD", self.optimizer, None, problem, "sgd")
         K = self.K if (self.K is not None or ls) else 20
-        return Config(
+        return Config.on(
+            problem,
+            default_lr=0.1,
             estimator="unroll",
-            inner=None,
-            inner_steps=None,
-            inner_tol=None,
-            inner_rtol=None,
-            sgd_steps=None,
             inner_lr=self.inner_lr,
-            solve="auto",
-            solve_tol=None,
-            solve_maxiter=None,
-            solve_options={},
             warm_start=self.warm_start,
             K=K,
-            K_max=k_max(problem),
-            bias_tol=default_bias_tol(problem),
             optimizer=opt,
             line_search=ls,
             lr=self.lr,
-            fixed_lr=self.lr if self.lr is not None else 0.1,
-            memory=10,
-            c1=1e-4,
-            max_backtracks=10,
             betas=self.betas,
         )
