@@ -40,7 +40,7 @@ from torch import Tensor
 
 from curvlab.checks import check_choice, check_int, check_positive
 from curvlab.problems import ALL
-from curvlab.solvers import Armijo, NewtonCG, Solver, lbfgs_update
+from curvlab.solvers import Armijo, Solver, lbfgs_update
 from curvlab.solvers.line_search import NOISE_EPS
 from curvlab.status import Status
 
@@ -205,32 +205,6 @@ class CompositeSolver(BilevelSolver):
             new["inner_scale"] = res.scale
         if res.status == Status.TIME_LIMIT:
             raise _StopRunError(Status.TIME_LIMIT.value, "time_limit reached inside the inner solve")
-        if (
-            cfg.inner in (None, "newton")
-            and problem.y_set is None
-            and res.grad_norm > res.tol
-            and inner_reached(problem, res)
-        ):
-            res = self._polish(problem, cfg, x, res, state, new)
-        return res
-
-    def _polish(self, problem: BilevelProblem, cfg: Config, x: Tensor, res: Any, state: dict, new: dict) -> Any:
-        r"""Newton steps without line search from an inner solution within :math:`\sqrt\varepsilon` of its scale.
-
-        Near :math:`y^*` the Armijo test of the inner Newton-CG cannot resolve the decrease of ``g``
-        (it is below the rounding noise of ``g``), so the solve stops at :math:`\|\nabla_y g\| \approx
-        \sqrt\varepsilon\, s` although the unit Newton step converges quadratically there (Nocedal &
-        Wright 2006, Thm. 3.5). Up to 3 full steps (``curvlab.solvers.NewtonCG(line_search=False)``
-        through the same ``solve_inner``) reach the tolerance; kept only if the gradient decreased.
-        """
-        polisher = NewtonCG(line_search=False, cg_tol=1e-4, cg_maxiter=min(250, 2 * problem.dy + 10))
-        pol = solve_inner(
-            problem, x, res.y, tol=res.tol, max_iter=3, solver=polisher, deadline=self.deadline(state), scale=res.scale
-        )
-        _count(new, grads=pol.grads, hvps=pol.hvps)
-        if math.isfinite(pol.grad_norm) and pol.grad_norm < res.grad_norm:
-            pol.n_iter += res.n_iter
-            return pol
         return res
 
     def _sgd_inner(self, problem: BilevelProblem, cfg: Config, x: Tensor, y: Tensor, new: dict) -> tuple[Tensor, float]:

@@ -78,6 +78,10 @@ __all__ = [
 #: a diagonal spread ``max / median`` above which a stalled solve is retried in Jacobi-scaled variables
 JACOBI_SPREAD = 1e6
 
+#: the default Newton-CG takes exact (Cholesky) Newton directions up to this many variables
+#: (:attr:`curvlab.solvers.NewtonCG.dense_max`); above it, truncated CG and the Jacobi-scaled retry
+NEWTON_DENSE_MAX = 64
+
 #: Newton iterations without halving ``‖∇_y g‖``, below the reachable level, after which a solve ends (noise)
 STALL_WINDOW = 3
 
@@ -354,7 +358,7 @@ def _with_solver(
     dy = problem.dy
     default = not isinstance(solver, Solver)
     if not isinstance(solver, Solver):
-        solver = NewtonCG(cg_maxiter=min(250, 2 * dy + 10))
+        solver = NewtonCG(cg_maxiter=min(250, 2 * dy + 10), dense_max=NEWTON_DENSE_MAX)
         cap = 100
     else:
         cap = min(20000, max(1000, 100 * dy))

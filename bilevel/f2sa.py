@@ -329,6 +329,29 @@ class F2SA(BilevelSolver):
                 break
         state.update(y=z, y_lambda=y, lmbda=lam)
 
+    def _back_off(
+        self, problem: BilevelProblem, state: dict[str, Any], new: dict[str, Any], why: str
+    ) -> dict[str, Any]:
+        r"""``"adaptive"``: a trial ``x`` where the lower level or the estimate is not finite (e.g. ``e^x``
+        overflowed after a long Barzilai–Borwein step) is rejected like a trial without decrease: the step from
+        the last accepted point is retried at a quarter of its length (the state keeps its finite ``x``, ``y``).
+        Without an accepted point, or once the step is below :math:`\sqrt\varepsilon\max(1, \|x\|)`, the run
+        stops with status ``"nan"`` at the last finite state."""
+        xa, ha, eta = state.get("bb_x"), state.get("bb_h"), state.get("bb_eta")
+        nan = {**state, "grads": new["grads"], "hvps": new["hvps"]}
+        if self.lr_x is not None or xa is None or ha is None or eta is None:
+            return {**nan, "outer_value": torch.tensor(math.nan, dtype=problem.dtype)}
+        eta = 0.25 * float(eta)
+        if eta * norm(ha) <= math.sqrt(torch.finfo(problem.dtype).eps) * max(1.0, norm(xa)):
+            return {**nan, "outer_value": torch.tensor(math.nan, dtype=problem.dtype)}
+        return {
+            **nan,
+            "x_next": problem.project_x(xa - eta * ha),
+            "bb_eta": eta,
+            "iter": int(state["iter"]) + 1,
+            "log": {**dict(state.get("log") or {}), "rejected": why},
+        }
+
     def _step_adaptive(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
         new = dict(state)
         k = int(state["iter"])
@@ -346,8 +369,10 @@ class F2SA(BilevelSolver):
         res = solve_inner(problem, x, z, deadline=dl, scale=state.get("inner_scale"))
         z = res.y
         _count(new, grads=res.grads, hvps=res.hvps)
-        if res.status == "nan":  # non-finite g at x: the run stops with status "nan" at the last finite state
-            return {**state, "outer_value": torch.tensor(math.nan, dtype=problem.dtype)}
+        if res.status == "nan" or not res.grad_norm <= max(res.scale, res.tol):
+            # non-finite g at the trial x, or a solve that ended worse than its reference gradient (curvatures
+            # beyond the dtype's range): reject the trial, else stop with status "nan"
+            return self._back_off(problem, state, new, f"the lower-level solve failed there ({res.message})")
         new["inner_scale"] = res.scale if state.get("inner_scale") is None else state["inner_scale"]
         zn = res.grad_norm
         # y: the penalty minimiser y*_λ(x), same Newton-CG, warm-started at the prediction
@@ -359,6 +384,8 @@ class F2SA(BilevelSolver):
         h, _, _ = self._direction(problem, new, x, y, z, lam, ALL, ALL)
         hn = norm(h)
         fval = problem.f(x, z)
+        if not (math.isfinite(hn) and math.isfinite(float(fval)) and bool(torch.isfinite(y).all())):
+            return self._back_off(problem, state, new, "the estimate or f is not finite there")
         if self.lr_x is not None:
             x_next = x - float(self.lr_x) * h
         else:

@@ -102,9 +102,9 @@ problem = bl.BilevelProblem(
     torch.full((30,), -3.0, dtype=torch.float64),
     torch.zeros(30, dtype=torch.float64),
 )
-for solver in (bl.AID(lr=0.2, optimizer="adam"), bl.IFT(lr=0.2, optimizer="adam", T=20)):
-    r = solver.solve(problem, max_iter=30)
+for solver in (bl.AID(), bl.F2SA()):  # defaults: no step size to tune, each run stops by itself
+    r = solver.solve(problem)
     print(
-        f"bilevel: {type(solver).__name__} validation loss {r.outer_value:.4f} ({r.state['grads']} gradients, "
-        f"{r.state['hvps']} HVPs)"
+        f"bilevel: {type(solver).__name__} {r.status} after {r.n_iter} iterations, validation loss "
+        f"F(x) = {problem.value(r.x):.4f} ({r.state['grads']} gradients, {r.state['hvps']} HVPs)"
     )
