@@ -342,7 +342,7 @@ class CompositeSolver(BilevelSolver):
                 accept=lambda t, v, ev: bool(ev["ok"]),
                 tie=lambda t, v, ev: float(torch.linalg.vector_norm(ev["hg"].grad)) < hg_norm,
             )
-            if ls.success or not S or ls.status == Status.NAN or ls.precision_limit or limit:
+            if ls.success or not S or ls.precision_limit or limit:  # a failed or non-finite L-BFGS search: -hg
                 break
             d, S, Y = -hg, [], []
         if not ls.success:

@@ -307,7 +307,18 @@ def solve_inner(
     return res
 
 
-def _run(
+def default_newton(dy: int, dtype: torch.dtype) -> NewtonCG:
+    """The Newton-CG of the lower-level solves (:func:`solve_inner`, F2SA's and LV-HBA's penalty solves).
+
+    Exact directions up to :data:`NEWTON_DENSE_MAX` variables; above, at most ``min(250, 2 dy + 10)`` CG
+    products per Newton step in float64 and ``min(100, 2 dy + 10)`` in float32 and below (single-precision
+    recurrences lose orthogonality within about a hundred steps, as in the adjoint solve).
+    """
+    cap = 250 if torch.finfo(dtype).eps < 1e-10 else 100
+    return NewtonCG(cg_maxiter=min(cap, 2 * dy + 10), dense_max=NEWTON_DENSE_MAX)
+
+
+def run_stalling(
     solver: Solver,
     inner: Minimize,
     cap: int,
@@ -358,7 +369,7 @@ def _with_solver(
     dy = problem.dy
     default = not isinstance(solver, Solver)
     if not isinstance(solver, Solver):
-        solver = NewtonCG(cg_maxiter=min(250, 2 * dy + 10), dense_max=NEWTON_DENSE_MAX)
+        solver = default_newton(dy, problem.dtype)
         cap = 100
     else:
         cap = min(20000, max(1000, 100 * dy))
@@ -370,7 +381,7 @@ def _with_solver(
         st = Status.CONVERGED if ok else Status.TIME_LIMIT
         return InnerResult(y, gn, ok, 0, 1, 0, st, float(v), message="deadline passed before the inner solve")
     inner = Minimize(lambda yv: problem.g_diff(x, yv, batch), y)
-    r, stalled = _run(solver, inner, cap, atol, reach, left, callback, problem.dtype)
+    r, stalled = run_stalling(solver, inner, cap, atol, reach, left, callback, problem.dtype)
     res = _result(r, stalled, atol, reach, problem.dtype, int(r.n_iter) + 2)
     if (
         default
@@ -462,7 +473,7 @@ def _jacobi_retry(
     zreach = max(ztol, reach * zscale / yscale)
     left = None if deadline is None else deadline - time.perf_counter()
     zinner = Minimize(lambda zv: problem.g_diff(x, zv / sc, batch), (y * sc).detach())
-    r, stalled = _run(solver, zinner, cap, ztol, zreach, left, callback, problem.dtype)
+    r, stalled = run_stalling(solver, zinner, cap, ztol, zreach, left, callback, problem.dtype)
     zres = _result(r, stalled, ztol, zreach, problem.dtype, int(r.n_iter) + 2)
     first.grads += zres.grads
     first.hvps += zres.hvps

@@ -301,22 +301,27 @@ class F2SA(BilevelSolver):
 
     def _penalty_y(self, problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor, lam: float) -> Tensor:
         rtol_y = max(default_inner_rtol(problem.dtype), 100.0 * lam * torch.finfo(problem.dtype).eps)
-        y, ng, nh, _ = penalty_solve(problem, x, y, lam, rtol_y, self.deadline(state))
+        y, ng, nh, _ = penalty_solve(
+            problem, x, y, lam, rtol_y, self.deadline(state), inner_scale=state.get("inner_scale")
+        )
         _count(state, grads=ng, hvps=nh)
         return y
 
     def _warm_penalty(self, problem: BilevelProblem, state: dict[str, Any]) -> None:
-        r"""``"adaptive"``: double :math:`\lambda_0` at ``x0`` until the estimate settles (< 1 % change).
+        r"""``"adaptive"``: double :math:`\lambda` at ``x0`` until the estimate settles (< 1 % change).
 
         The bias of the estimate is :math:`O(1/\lambda)`, so a too small :math:`\lambda_0` would make the first
         hypergradient — the reference of the relative stop test — too small or wrong; each doubling costs one
-        warm-started penalty solve at ``x0``.
+        warm-started penalty solve at ``x0``. The doublings start at :math:`\max(\lambda_0,
+        \lambda_{\max}/16)` (at most four of them: on the float32 digits MLP the six doublings from
+        :math:`\lambda_0` took 5 s, the noise of float32 solves keeping the estimate from settling).
         """
         x = state["x"]
         res = solve_inner(problem, x, state["y"])
         _count(state, grads=res.grads, hvps=res.hvps)
         state["inner_scale"] = res.scale
-        z, lam, lam_max = res.y, float(state["lmbda"]), self._lmbda_max(state, problem)
+        lam_max = self._lmbda_max(state, problem)
+        z, lam = res.y, min(max(float(state["lmbda"]), lam_max / 16.0), lam_max)
         y = self._penalty_y(problem, state, x, z, lam)
         h, _, _ = self._direction(problem, state, x, y, z, lam, ALL, ALL)
         while lam < lam_max:
@@ -391,16 +396,21 @@ class F2SA(BilevelSolver):
         else:
             x_next = bb_step(state, new, x, h, float(fval), self.probe)
         eta = float(new.get("bb_eta", self.lr_x or 0.0))
+        report = {"x": x, "y": z, "outer_value": fval, "hypergrad_norm": hn, "inner_residual": zn}
+        best = state.get("bb_report")
+        if self.lr_x is None:
+            # the run reports (and the stop test sees) the best accepted point: a rejected trial is not a result,
+            # and the nonmonotone search may accept points above the best one on its way
+            if new.get("bb_x") is x and (best is None or float(fval) <= float(best["outer_value"])):
+                new["bb_report"] = report
+            elif best is not None:
+                report = best
         new.update(
-            x=x,
+            **report,
             x_next=problem.project_x(x_next),
-            y=z,
             y_lambda=y,
             lmbda=lam,
             iter=k + 1,
-            outer_value=fval,
-            hypergrad_norm=hn,
-            inner_residual=zn,
-            log={"lmbda": lam, "lr_x": eta, "inner_steps": n_in},
+            log={"lmbda": lam, "lr_x": eta, "inner_steps": n_in, "accepted": report["x"] is x},
         )
         return new

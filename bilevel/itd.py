@@ -25,14 +25,15 @@ Where the defaults differ from the papers, and why:
   hypergradient is the exact gradient of that function, so the search is consistent — instead of
   fixed steps (``lr`` default 0.1 with ``optimizer="sgd"``/``"adam"``, and on minibatches).
 * ``inner_lr=None``: :math:`\beta = 1/L` from 20 HVP power iterations at the start.
+* stop: the base rule of :meth:`bilevel.BilevelSolver.solve` with the first-order default
+  ``rtol`` :math:`\max(10^{-4}, \sqrt\varepsilon)`, two orders above the truncation target, so the test
+  measures the hypergradient rather than its bias (with ``rtol`` at the bias target, 1e-6, a condition-100
+  quadratic reached a relative gap of 1.6e-11 and then spent 30 s in 1280-step unrolls without stopping).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
-
-import torch
 
 from curvlab.checks import check_bool, check_choice
 
@@ -83,10 +84,6 @@ class ITD(CompositeSolver):
         validate_common(self, "ITD")
         check_bool(self.warm_start, "ITD.warm_start")
         check_choice(self.optimizer, "ITD.optimizer", ("auto", "lbfgs", "gd", "sgd", "adam", "normalized"))
-
-    def default_rtol(self, problem: BilevelProblem) -> float:
-        """ITD's relative hypergradient tolerance: 1e-6 in float64, :math:`\\sqrt\\varepsilon` in float32."""
-        return max(1e-6, math.sqrt(torch.finfo(problem.dtype).eps))
 
     def config(self, problem: BilevelProblem) -> Config:
         opt, ls = resolve_optimizer("ITD", self.optimizer, None, problem, "sgd")
