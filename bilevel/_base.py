@@ -176,6 +176,12 @@ class BilevelSolver:
         """
         return 0 if problem.stochastic else WINDOW
 
+    def result_point(self, state: dict[str, Any]) -> tuple[Tensor, Tensor, Any]:
+        """``(x, y, outer_value)`` the :class:`BilevelResult` reports for the final ``state`` (the state's own;
+        a solver whose search may end above its best point returns that one). The state itself, for resuming,
+        is left as it is."""
+        return state["x"], state["y"], state["outer_value"]
+
     def deadline(self, state: dict[str, Any]) -> float | None:
         """The ``time.perf_counter()`` value after which inner and adjoint solves return what they have."""
         d = state.get("deadline")
@@ -185,10 +191,11 @@ class BilevelSolver:
         """Whether the run must stop *inside* the current outer iteration: ``(status, message)`` or ``None``.
 
         Checks the deadline of ``time_limit`` and, at most every :attr:`callback_interval`
-        seconds, calls the callback with a partial view of the iteration
-        (``{"partial": True, "phase": phase, "iter", "x", "y", "elapsed"}``; ``x``/``y`` are
-        the last accepted iterates). A step that gets a stop returns its input state with the
-        ``status`` and ``message`` set (the variables of the last completed iteration).
+        seconds, calls the callback with a partial view of the iteration: the state of the last
+        completed iteration (every key a callback reads between iterations: ``iter``, ``x``, ``y``,
+        ``outer_value``, ``grads``, ``hvps``, ...) plus ``"partial": True``, ``"phase"`` and ``"elapsed"``.
+        A step that gets a stop returns its input state with the ``status`` and ``message`` set (the
+        variables of the last completed iteration).
         """
         now = time.perf_counter()
         d = self.deadline(state)
@@ -197,14 +204,7 @@ class BilevelSolver:
         hook = getattr(self, "_hook", None)
         if hook is not None and now - hook["last"] >= self.callback_interval:
             hook["last"] = now
-            view = {
-                "partial": True,
-                "phase": phase,
-                "iter": int(state["iter"]),
-                "x": state["x"],
-                "y": state["y"],
-                "elapsed": now - hook["t0"],
-            }
+            view = {**state, "partial": True, "phase": phase, "iter": int(state["iter"]), "elapsed": now - hook["t0"]}
             if hook["callback"](view):
                 return Status.CALLBACK.value, f"stopped by the callback inside outer iteration {int(state['iter']) + 1}"
         return None
@@ -370,16 +370,17 @@ class BilevelSolver:
         state.pop("deadline", None)
         if status in (Status.TIME_LIMIT, Status.CALLBACK):  # a stop inside an iteration: resumable state
             state["status"], state["message"] = None, ""
+        x, y, fv = self.result_point(state)
         return BilevelResult(
-            x=problem.to_user_x(state["x"]),
-            y=problem.to_user_y(state["y"]),
-            outer_value=float(state["outer_value"]),
+            x=problem.to_user_x(x),
+            y=problem.to_user_y(y),
+            outer_value=float(fv),
             n_iter=int(state["iter"]),
             converged=status == Status.CONVERGED,
             status=status,
             history=history,
             state=state,
             message=message,
-            x_flat=state["x"].detach().clone(),
-            y_flat=state["y"].detach().clone(),
+            x_flat=x.detach().clone(),
+            y_flat=y.detach().clone(),
         )

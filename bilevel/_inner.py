@@ -26,8 +26,10 @@ the larger of the gradient norms at ``y0`` and at the problem's ``y0``, so a war
 solution does not tighten the test). ``rtol`` defaults to :func:`default_inner_rtol`:
 :math:`\varepsilon^{2/3}` in float64 (3.7e-11, as :func:`curvlab.linalg.default_tol`; Newton gets
 there in a step or two) and :math:`\sqrt{\varepsilon}` in float32 and below (3.45e-4: a float32
-gradient of a network cannot be resolved much further). A Newton step whose line search finds
-no resolvable decrease (:class:`curvlab.solvers.Armijo`'s precision limit) ends the solve; it
+gradient of a network cannot be resolved much further). Where the decrease of ``g`` falls under its
+rounding noise, Newton-CG's line search accepts a step that lowers :math:`\|\nabla_y g\|` (Armijo's tie
+rule), so the quadratic convergence of the last steps is not lost to the noise of ``g``; a Newton step
+whose line search finds no resolvable decrease (:class:`curvlab.solvers.Armijo`'s precision limit) ends the solve; it
 counts as converged only when :math:`\|\nabla_y g\| \le \sqrt{\varepsilon}\, s` (else
 ``status="stalled"``). Likewise a solve whose gradient norm is below that reachable level and has not
 halved for :data:`STALL_WINDOW` (3) Newton iterations (60 steps of another solver) ends as converged: the
@@ -39,10 +41,13 @@ A stalled, capped or line-search-failed default solve is retried once in Jacobi-
 over many orders (penalties :math:`e^{x_j}` up to 1e19 beside unregularised coordinates) spoil CG's
 directions; in ``z`` the Hessian has a unit diagonal.
 
-Cost. The iteration cap scales with the problem: 100 Newton iterations (each with at most
-``min(250, 2 dy + 10)`` CG products), or :math:`\min(20000, \max(1000, 100\, d_y))` gradient
-steps; ``deadline`` (a :func:`time.perf_counter` value) stops the solve with
-``status="time_limit"`` and what it has.
+Cost. Up to :data:`NEWTON_DENSE_MAX` (64) variables each Newton step is exact: the Hessian formed by one
+block product and factored (:attr:`curvlab.solvers.NewtonCG.dense_max`), so ill-conditioned small problems
+(penalties :math:`e^{x_j}` spread over many orders) converge quadratically in a few steps. The iteration cap
+scales with the problem: 100 Newton iterations (each with at most ``min(250, 2 dy + 10)`` CG products in
+float64, ``min(100, 2 dy + 10)`` in float32: :func:`default_newton`), or
+:math:`\min(20000, \max(1000, 100\, d_y))` gradient steps; ``deadline`` (a :func:`time.perf_counter`
+value) stops the solve with ``status="time_limit"`` and what it has.
 """
 
 from __future__ import annotations

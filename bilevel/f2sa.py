@@ -334,6 +334,13 @@ class F2SA(BilevelSolver):
                 break
         state.update(y=z, y_lambda=y, lmbda=lam)
 
+    def result_point(self, state: dict[str, Any]) -> tuple[Tensor, Tensor, Any]:
+        """``"adaptive"``: the best accepted point (lowest :math:`F`) rather than the last one."""
+        best = state.get("bb_best")
+        if best is not None and float(best["outer_value"]) < float(state["outer_value"]):
+            return best["x"], best["y"], best["outer_value"]
+        return super().result_point(state)
+
     def _back_off(
         self, problem: BilevelProblem, state: dict[str, Any], new: dict[str, Any], why: str
     ) -> dict[str, Any]:
@@ -354,7 +361,7 @@ class F2SA(BilevelSolver):
             "x_next": problem.project_x(xa - eta * ha),
             "bb_eta": eta,
             "iter": int(state["iter"]) + 1,
-            "log": {**dict(state.get("log") or {}), "rejected": why},
+            "log": {**dict(state.get("log") or {}), "accepted": False, "lr_x": eta, "rejected": why},
         }
 
     def _step_adaptive(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
@@ -397,14 +404,16 @@ class F2SA(BilevelSolver):
             x_next = bb_step(state, new, x, h, float(fval), self.probe)
         eta = float(new.get("bb_eta", self.lr_x or 0.0))
         report = {"x": x, "y": z, "outer_value": fval, "hypergrad_norm": hn, "inner_residual": zn}
-        best = state.get("bb_report")
         if self.lr_x is None:
-            # the run reports (and the stop test sees) the best accepted point: a rejected trial is not a result,
-            # and the nonmonotone search may accept points above the best one on its way
-            if new.get("bb_x") is x and (best is None or float(fval) <= float(best["outer_value"])):
+            # the run reports (and the stop test sees) the last accepted point: a rejected trial is not a result;
+            # the best accepted one is kept for the result (the nonmonotone search may accept points above it)
+            best = state.get("bb_best")
+            if new.get("bb_x") is x:
                 new["bb_report"] = report
-            elif best is not None:
-                report = best
+                if best is None or float(fval) <= float(best["outer_value"]):
+                    new["bb_best"] = report
+            elif state.get("bb_report") is not None:
+                report = state["bb_report"]
         new.update(
             **report,
             x_next=problem.project_x(x_next),

@@ -177,6 +177,10 @@ class LVHBA(BilevelSolver):
         state["z"] = state["lmbda"].clone()
         return state
 
+    def result_point(self, state: dict[str, Any]) -> tuple[Tensor, Tensor, Any]:
+        """The ``"adaptive"`` engine's choice (its best accepted point); the state's own point otherwise."""
+        return self._engine().result_point(state)
+
     def step(self, problem: BilevelProblem, state: dict[str, Any]) -> dict[str, Any]:
         if self.adaptive(problem):
             st = dict(state)

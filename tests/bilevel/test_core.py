@@ -230,7 +230,7 @@ def test_progress_bar_runs():
 
 
 # -------------------------------------------------------------- the stop rule of BilevelSolver.solve
-@pytest.mark.parametrize("name", ["AID", "IFT", "ITD"])
+@pytest.mark.parametrize("name", ["AID", "IFT", "ITD", "F2SA", "BOREP", "LVHBA"])
 def test_deterministic_save_and_resume_with_defaults_is_bit_identical(name, tmp_path):
     q = quadratic(dx=4, dy=6, cond=20.0, seed=5)
     full = getattr(bl, name)().solve(q.problem, max_iter=8, window=0, tol=0.0)
