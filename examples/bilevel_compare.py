@@ -25,14 +25,7 @@ torch.manual_seed(0)
 
 def solvers() -> dict:
     """Every solver with its defaults: no step size to tune; each run stops by itself (or at ``TIME_LIMIT``)."""
-    return {
-        "IFT": bl.IFT(),
-        "AID": bl.AID(),
-        "ITD": bl.ITD(),
-        "F2SA": bl.F2SA(),
-        "BO-REP": bl.BOREP(),
-        "LV-HBA": bl.LVHBA(),
-    }
+    return {name: getattr(bl, name)() for name in ("IFT", "AID", "ITD", "F2SA", "BOREP", "LVHBA")}
 
 
 MAX_ITER, TIME_LIMIT = 1000, 20.0

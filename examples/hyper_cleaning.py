@@ -31,14 +31,7 @@ print(f"test accuracy, training on the clean examples only:      {oracle:.3f}\n"
 
 # every solver with its defaults: no step size to tune (per-example weights get steps that follow the
 # problem's scale); each run stops by itself, here at the latest after TIME_LIMIT seconds
-solvers = {
-    "IFT": bl.IFT(),
-    "AID": bl.AID(),
-    "ITD": bl.ITD(),
-    "F2SA": bl.F2SA(),
-    "BO-REP": bl.BOREP(),
-    "LV-HBA": bl.LVHBA(),
-}
+solvers = {name: getattr(bl, name)() for name in ("IFT", "AID", "ITD", "F2SA", "BOREP", "LVHBA")}
 
 MAX_ITER, TIME_LIMIT = 1000, 20.0
 curves = {}
