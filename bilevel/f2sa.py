@@ -67,23 +67,26 @@ iterations). Without noise the stochastic-approximation constraints are not need
 updates run with
 
 * :math:`\lambda_{k+1} = \min(\rho\lambda_k, \lambda_{\max})` (``lmbda_growth`` :math:`\rho = 2`),
-  :math:`\lambda_{\max}` = ``lmbda_max`` or :math:`\lambda_0/\sqrt\varepsilon`
-  (:func:`~bilevel._first_order.penalty_cap`: the bracket is a forward difference with step
-  :math:`1/\lambda`, whose bias :math:`O(1/\lambda)` and rounding :math:`O(\lambda\varepsilon)` balance
-  there); when :math:`\lambda` grows, ``y`` is moved to :math:`z + (y - z)\lambda_k/\lambda_{k+1}`,
-  the first-order prediction of :math:`y^*_{\lambda_{k+1}}` (:math:`y^*_\lambda - y^* = O(1/\lambda)`);
-* the ``z`` and ``y`` loops (steps :math:`\gamma = 1/L_g`, and :math:`\alpha\lambda = \gamma/2` as in
-  the paper's coupling, halved if ``y`` diverges) run until their errors are small *relative to the
-  estimate they feed*: :math:`\lambda\|\nabla_y g(x, z)\|` and
-  :math:`\|\nabla_y f(x, y) + \lambda\nabla_y g(x, y)\|` below
-  ``inner_rtol`` :math:`\cdot\|\nabla_y f(x, y)\|\cdot\min(1, \|h_{k-1}\| / \|P_{k-1}\|)`
-  (:math:`P` the penalty part of the bracket; both errors enter :math:`h` through the same
-  :math:`\nabla^2_{xy} g (\nabla^2_{yy} g)^{-1}` as :math:`\nabla_y f` does), at least ``n_inner_steps``
-  and at most ``max_inner_steps`` steps each;
-* the x step :math:`\eta_k` is a safeguarded Barzilai–Borwein step on the bracket
+  :math:`\lambda_{\max}` = ``lmbda_max`` or :math:`\lambda_0\tau^{-1/2}`, :math:`\tau` the inner solves'
+  relative accuracy (:func:`~bilevel._first_order.penalty_cap`: the bracket is a forward difference with
+  step :math:`1/\lambda`, whose bias :math:`O(1/\lambda)` and amplified solve errors :math:`O(\lambda\tau)`
+  balance there); before the first step :math:`\lambda` is doubled from :math:`\max(\lambda_0,
+  \lambda_{\max}/16)` until the estimate at ``x0`` settles; when :math:`\lambda` grows, ``y`` is moved to
+  :math:`z + (y - z)\lambda_k/\lambda_{k+1}`, the first-order prediction of :math:`y^*_{\lambda_{k+1}}`
+  (:math:`y^*_\lambda - y^* = O(1/\lambda)`);
+* the ``z`` and ``y`` loops are solves, not ``T`` gradient steps: ``z`` = :math:`y^*(x)` by
+  :func:`bilevel.solve_inner` (warm-started Newton-CG to its dtype-aware tolerance) and ``y`` =
+  :math:`y^*_\lambda(x)` by the same Newton-CG on :math:`f + \lambda g`
+  (:func:`~bilevel._first_order.penalty_solve`), each capped at ``max_inner_steps`` Newton iterations per
+  outer iteration (so an outer iteration's cost stays bounded where a far step makes a warm start poor);
+* the x step :math:`\eta_k` is a safeguarded nonmonotone Barzilai–Borwein step on the bracket
   (:func:`~bilevel._first_order.bb_step`) instead of :math:`\xi\alpha_k`, so it follows the
   curvature of :math:`F` (per-example hyperparameters get :math:`O(n)` steps) rather than
-  :math:`1/\lambda_k`; ``lr_x`` fixes it instead.
+  :math:`1/\lambda_k`; ``lr_x`` fixes it instead. A trial ``x`` where the lower level fails (non-finite
+  ``g``, e.g. :math:`e^{x}` overflowing) is rejected like one without decrease;
+* what a run reports: ``x``, ``y`` = ``z``, ``outer_value`` = :math:`f(x, z) = F(x)` and the estimate's
+  norm at the last *accepted* point (a rejected trial is not a result), and the
+  :class:`~bilevel.BilevelResult` is the best accepted point.
 
 Lower-level constraints are not supported (use :class:`~bilevel.LVHBA`); ``x`` is projected onto
 ``x_set`` and ``y``, ``z`` onto ``y_set`` when given.
@@ -138,7 +141,8 @@ class F2SA(BilevelSolver):
         lr_x: ``"adaptive"`` only: a fixed x step instead of the Barzilai–Borwein one.
         lmbda_growth: ``"adaptive"``: factor :math:`\rho > 1` of the penalty per outer iteration.
         lmbda_max: ``"adaptive"``: cap of :math:`\lambda` (``None``: :math:`\lambda_0/\sqrt\varepsilon`).
-        max_inner_steps: ``"adaptive"``: cap of each inner loop per outer iteration.
+        max_inner_steps: ``"adaptive"``: cap of Newton iterations of each lower-level / penalty solve per
+            outer iteration.
         inner_rtol: ``"adaptive"``: relative accuracy of the inner loops (see the module docstring).
         probe: ``"adaptive"``: length of the first x step relative to :math:`\max(1, \|x_0\|)`.
 
@@ -164,7 +168,7 @@ class F2SA(BilevelSolver):
     lr_x: float | None = None
     lmbda_growth: float = 2.0
     lmbda_max: float | None = None
-    max_inner_steps: int = 100
+    max_inner_steps: int = 10
     inner_rtol: float = 0.1
     probe: float = 1e-2
     accelerate: bool = True
@@ -302,7 +306,14 @@ class F2SA(BilevelSolver):
     def _penalty_y(self, problem: BilevelProblem, state: dict[str, Any], x: Tensor, y: Tensor, lam: float) -> Tensor:
         rtol_y = max(default_inner_rtol(problem.dtype), 100.0 * lam * torch.finfo(problem.dtype).eps)
         y, ng, nh, _ = penalty_solve(
-            problem, x, y, lam, rtol_y, self.deadline(state), inner_scale=state.get("inner_scale")
+            problem,
+            x,
+            y,
+            lam,
+            rtol_y,
+            self.deadline(state),
+            max_iter=self.max_inner_steps,
+            inner_scale=state.get("inner_scale"),
         )
         _count(state, grads=ng, hvps=nh)
         return y
@@ -378,7 +389,7 @@ class F2SA(BilevelSolver):
             lam = lam_new
         # z: the lower-level solution at x (the one inner solve of bilevel, warm-started)
         dl = self.deadline(state)
-        res = solve_inner(problem, x, z, deadline=dl, scale=state.get("inner_scale"))
+        res = solve_inner(problem, x, z, deadline=dl, scale=state.get("inner_scale"), max_iter=self.max_inner_steps)
         z = res.y
         _count(new, grads=res.grads, hvps=res.hvps)
         if res.status == "nan" or not res.grad_norm <= max(res.scale, res.tol):

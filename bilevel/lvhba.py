@@ -41,7 +41,22 @@ authors' toy experiment: :math:`\alpha = 0.008`, :math:`\beta = 0.02`, :math:`\e
 :math:`\gamma_1 = \gamma_2 = 10`, :math:`\underline c = 0.025`, :math:`p = 0.3` (the theorem asks
 :math:`p \in (0, 1/2)`), :math:`r = 1000`; the multipliers start at ``lmbda0 = 0``.
 
-These are step sizes of a toy problem with unit-scale curvature: like every single-loop penalty
+Two schedules (``schedule=``, ``"auto"`` by default):
+
+``"adaptive"`` — the default on deterministic problems without lower-level constraints. Without
+constraints the multipliers vanish (:math:`\lambda = z = 0`), the proximal value function's
+minimiser :math:`\theta` tends to :math:`y^*(x)` as :math:`\gamma_1 \to \infty`, and the penalized
+problem becomes F2SA's :math:`f + c_k(g - g^*)` with :math:`c_k` as the penalty weight; the run is
+then :class:`~bilevel.F2SA`'s deterministic ``"adaptive"`` engine (exact warm-started lower-level solve
+for :math:`\theta`, Newton-CG penalty solve for ``y``, :math:`c_k` grown geometrically from F2SA's
+:math:`\lambda_0` to its cap :func:`~bilevel._first_order.penalty_cap`, a safeguarded nonmonotone
+Barzilai–Borwein outer step), so no step size needs setting. :math:`\underline c` is not used there:
+:math:`c_k` starting at 0.025 capped the penalty at 1.35 in float32 (the estimate's :math:`O(1/c_k)`
+bias then dominated, and the digits MLP's weight decays walked to :math:`e^{-7}`). ``BilevelResult.y``
+is :math:`\theta` (the lower-level solution at ``x``), and the result is the best accepted point.
+
+``"paper"`` — Algorithm 1 as written (the default with constraints or minibatches). Its step sizes are
+those of a toy problem with unit-scale curvature: like every single-loop penalty
 method, LV-HBA has no scale-free defaults. ``lr`` and ``lr_inner`` should be about :math:`1/L` (the
 smoothness of ``f/c_k + g`` and of the proximal Lagrangian), and since the hyper-objective's weight is
 :math:`1/c_k`, a larger :math:`\underline c` trades bias for speed; the benchmark
@@ -120,6 +135,8 @@ class LVHBA(BilevelSolver):
         lmbda0: starting value of every multiplier :math:`\lambda` and of :math:`z`.
         feasibility_steps: cap on the relaxation steps of :func:`project_feasible` (0: no projection onto C).
         feasibility_tol: constraint value accepted as feasible.
+        schedule: ``"auto"`` (``"adaptive"`` on deterministic unconstrained problems, else ``"paper"``),
+            ``"adaptive"`` or ``"paper"`` (see the module docstring).
 
     Example:
         >>> from bilevel.problems import quadratic
@@ -159,7 +176,7 @@ class LVHBA(BilevelSolver):
         return self.schedule == "adaptive"
 
     def _engine(self) -> F2SA:
-        return F2SA(schedule="adaptive", lmbda0=self.c_lower)
+        return F2SA(schedule="adaptive")
 
     def init(self, problem: BilevelProblem) -> dict[str, Any]:
         self.check_problem(problem)
