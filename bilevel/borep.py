@@ -28,6 +28,19 @@ lower level at :math:`x_0` well: ``init_epochs`` epochs of SGD on :math:`g(x_0, 
 epoch ``j`` running ``init_steps * 2**j`` steps at step size ``lr_y / 2**j`` and restarting from the
 average of the previous epoch's iterates; the output is the last epoch's average.
 
+Two schedules (``schedule=``, ``"auto"`` by default):
+
+``"adaptive"`` — the default on deterministic problems (no minibatches). Without noise, UpdateLower is
+the warm-started lower-level solve of :func:`bilevel.solve_inner` at every iteration (so ``y`` is
+:math:`y^*(x)` at the reported ``x``), ``z`` solves :math:`\nabla^2_{yy} g\, z = \nabla_y f` by CG
+warm-started from the previous ``z`` (instead of one step ``ν``), and the normalized-momentum step keeps
+the paper's update direction with a length that follows the problem: it grows by 1.2 while ``f``
+decreases and the new estimate agrees with the momentum, and halves otherwise (the step overshot), so a
+constant length's :math:`O(\eta)` oscillation does not prevent convergence and no ``lr`` needs setting
+(``lr`` is the first length). Ours: the paper analyses the stochastic algorithm only.
+
+``"paper"`` — Algorithm 1 as written (the default on minibatches), below.
+
 Defaults follow the authors' code (``beta = 0.9``, ``nu = 1e-2``, ``interval = I = 2``,
 ``n_inner_steps = N = 10``, outer and inner learning rates ``5e-2``). The analysis (Theorem 4.1) uses a
 constant ``η`` chosen from the target accuracy ε, and a normalized step of constant length *cannot*
@@ -86,6 +99,8 @@ class BOREP(BilevelSolver):
         init_steps: length of its first epoch (doubling every epoch, step size halving).
         z_radius: :math:`\rho`, radius of the ball ``z`` is projected on (``None``: no projection).
         lr_decay: :math:`p \ge 0` in :math:`\eta_t = \eta (t+1)^{-p}` (0, the paper's constant step, by default).
+        schedule: ``"auto"`` (``"adaptive"`` without minibatches, else ``"paper"``), ``"adaptive"`` or
+            ``"paper"`` (see the module docstring).
 
     Example:
         >>> from bilevel.problems import quadratic
