@@ -102,7 +102,7 @@ problem = bl.BilevelProblem(
     torch.full((30,), -3.0, dtype=torch.float64),
     torch.zeros(30, dtype=torch.float64),
 )
-for solver in (bl.AID(), bl.F2SA()):  # defaults: no step size to tune, each run stops by itself
+for solver in (bl.AID(), bl.IFT()):  # defaults: no step size to tune, each run stops by itself
     r = solver.solve(problem)
     print(
         f"bilevel: {type(solver).__name__} {r.status} after {r.n_iter} iterations, validation loss "
