@@ -43,12 +43,14 @@ from curvlab.linops import MatvecOperator
 
 from ._graph import (
     Recorded,
+    _flat,
     check_forward_levels,
     foreign_leaves,
     functorch_active,
     is_legacy_batched,
     legacy_level,
 )
+from ._jit import FAILED, TraceCache, signature, trace
 from ._linear_solve import LinearSolver
 from ._linear_system import LinearSystem, closure_hint, jvp, linear_solve
 from ._tree import Arguments, flat_cat, split_like
@@ -169,7 +171,11 @@ def _check_closure(fun: _Optimality, F: Tensor, ours: Sequence[Tensor]) -> None:
     """Refuse an ``F`` that depends on a tensor requiring grad which is not among its arguments."""
     if not F.requires_grad:
         return
-    foreign = foreign_leaves(F, ours)
+    _refuse_closure(fun, foreign_leaves(F, ours))
+
+
+def _refuse_closure(fun: _Optimality, foreign: Sequence[Tensor]) -> None:
+    """Raise when ``F`` read (by closure) tensors that require grad: their gradient would be dropped."""
     if foreign:
         shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:3])
         raise ValueError(
@@ -178,6 +184,28 @@ def _check_closure(fun: _Optimality, F: Tensor, ours: Sequence[Tensor]) -> None:
             "differentiate with respect to as an argument: solver(init, *theta) and optimality_fn(y, *theta) "
             "(nn.Module arguments are supported)."
         )
+
+
+def _jacobian_fn(fun: _Optimality, n_y: int, diff: Sequence[int]) -> Callable[..., tuple[Tensor, ...]]:
+    r"""``(*y, *theta) -> (F, A, *rows)``: :math:`F`, :math:`A = \partial_y F` ``(n, n)`` and the rows of
+    :math:`B` for ``theta[diff]`` (each ``(n, *shape)``), by one batched vjp (what ``jit=True`` traces)."""
+
+    def jacobian(*flat: Tensor) -> tuple[Tensor, ...]:
+        y, theta = list(flat[:n_y]), list(flat[n_y:])
+
+        def f(*q: Tensor) -> Tensor:
+            full = list(theta)
+            for i, t in zip(diff, q[n_y:]):
+                full[i] = t
+            return fun(list(q[:n_y]), full)
+
+        F, vjp_fn = torch.func.vjp(f, *y, *(theta[i] for i in diff))
+        if F.dtype != y[0].dtype:
+            raise TypeError(f"{fun.name} returned F of dtype {F.dtype} for y of dtype {y[0].dtype}")
+        gs = torch.func.vmap(vjp_fn)(torch.eye(F.shape[0], dtype=F.dtype, device=F.device))
+        return (F, _flat(gs[:n_y], True), *gs[n_y:])
+
+    return jacobian
 
 
 def _ift_vjp(
@@ -244,14 +272,18 @@ def _recorded_vjp(rec: Recorded, linear: LinearSolver, v: Tensor, idx: list[int]
     if linear.factors(rec.n):
         jac = rec.jacobian(idx)
         if jac is not None:
-            A, rows = jac
-            u = linear.solve_matrix(A.T, v, linear.symmetric)
-            n = rec.n
-            if u.ndim == 1:
-                return [-(u @ r.reshape(n, -1)).reshape(r.shape[1:]) for r in rows]
-            return [-(u.T @ r.reshape(n, -1)).reshape(u.shape[1], *r.shape[1:]) for r in rows]
+            return _dense_vjp(linear, *jac, v)
     u = linear(_operator(rec, linear, transpose=True), v)
     return rec.bt(u, idx)
+
+
+def _dense_vjp(linear: LinearSolver, A: Tensor, rows: Sequence[Tensor], v: Tensor) -> list[Tensor]:
+    r""":math:`-B^\top A^{-\top} v` from the matrix :math:`A` ``(n, n)`` and the rows of :math:`B` (``(n, *shape)``)."""
+    u = linear.solve_matrix(A.T, v, linear.symmetric)
+    n = A.shape[0]
+    if u.ndim == 1:
+        return [-(u @ r.reshape(n, -1)).reshape(r.shape[1:]) for r in rows]
+    return [-(u.T @ r.reshape(n, -1)).reshape(u.shape[1], *r.shape[1:]) for r in rows]
 
 
 def _warn_residual(res: KrylovResult | None, fnorm: float | None, ynorm: float, what: str, hint: str = "") -> None:
@@ -293,6 +325,9 @@ class _RootProblem:
         self.residual: float | None = None
         self.y_norm: float = 0.0
         self.rec: Recorded | None = None
+        # jit=True: the traced (F, A, rows of B) function, the theta it differentiates, and its inputs
+        self.traced: tuple[Callable[..., tuple[Tensor, ...]], list[int]] | None = None
+        self.jit_inputs: tuple[list[Tensor], list[Tensor]] | None = None
 
     # forward: run the solver, record structures, evaluate F once
     def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -337,6 +372,8 @@ class _RootProblem:
         assert fun is not None
         forward_ad = torch.autograd.forward_ad._current_level >= 0
         plain = not functorch_active()
+        if plain and self.grad_mode and not forward_ad and self._traced(y, theta, wants):
+            return  # F is evaluated with A and B in the backward pass (last_residual evaluates it on demand)
         if plain and (self.grad_mode or forward_ad):
             # recorded with y (and the theta that are differentiated) as leaves: the derivatives reuse it
             diff = [t.is_floating_point() for t in theta] if forward_ad else wants
@@ -359,6 +396,56 @@ class _RootProblem:
         self.residual = float(torch.linalg.vector_norm(Fd))
         self.y_norm = float(torch.linalg.vector_norm(flat_cat(y)))
 
+    def _traced(self, y: list[Tensor], theta: list[Tensor], wants: list[bool]) -> bool:
+        """``jit=True``: find (or trace) the graph of ``F``, ``A`` and ``B`` for this call's signature.
+
+        False (and the eager route) when ``jit`` is off, nothing is differentiated, the system is not
+        factored densely, a module or an unhashable constant is among the theta, or ``F`` cannot be traced.
+        """
+        traces, fun = self.root.traces, self.optimality
+        assert fun is not None
+        if traces is None or not any(wants) or not self.root.linear.factors(fun.n):
+            return False
+        consts = self.arguments.constants_key()
+        if consts is None:
+            return False
+        key = (tuple(wants), signature(y), signature(theta), consts)
+        entry = traces.get(key)
+        if entry is FAILED or (entry is None and traces.full()):
+            return False
+        if entry is None:
+            diff = [i for i, w in enumerate(wants) if w]
+            try:
+                compiled, captured = trace(_jacobian_fn(fun, len(y), diff), [*y, *theta])
+            except Exception:  # noqa: BLE001 - untraceable F (data-dependent control flow, ...): run eagerly
+                traces.put(key, FAILED)
+                return False
+            _refuse_closure(fun, [t for t in captured if t.requires_grad])
+            entry = (compiled, diff)
+            traces.put(key, entry)
+        self.traced, self.jit_inputs = entry, (y, theta)
+        return True
+
+    def lazy_residual(self) -> float | None:
+        """:attr:`residual`, evaluating ``F`` now if the (traced) call has not done so yet."""
+        if self.residual is None and self.jit_inputs is not None and self.optimality is not None:
+            with torch.no_grad():
+                self.residual = float(torch.linalg.vector_norm(self.optimality(*self.jit_inputs)))
+        return self.residual
+
+    def jit_vjp(self, v: Tensor, idx: list[int]) -> list[Tensor]:
+        """``-Bᵀ A⁻ᵀ v`` for ``theta[idx]`` from the traced graph (``v``: ``(n,)`` or ``(n, k)``)."""
+        assert self.traced is not None and self.jit_inputs is not None
+        compiled, diff = self.traced
+        y, theta = self.jit_inputs
+        F, A, *rows = compiled(*y, *theta)
+        where = {i: k for k, i in enumerate(diff)}
+        grads = _dense_vjp(self.root.linear, A, [rows[where[i]] for i in idx], v)
+        self.residual = float(torch.linalg.vector_norm(F))
+        self.y_norm = float(torch.linalg.vector_norm(flat_cat(y)))
+        _warn_residual(self.root.linear.last, self.residual, self.y_norm, self.root.solver_name)
+        return grads
+
     def element(self) -> _RootProblem:
         """A problem for one element of a ``vmap`` batch, sharing the structures found so far."""
         sub = _RootProblem(self.root, self.arguments, self.grad_mode)
@@ -368,7 +455,7 @@ class _RootProblem:
 
     def adopt(self, sub: _RootProblem) -> None:
         """Take the structures (and latest residual) found while solving one ``vmap`` element."""
-        for name in ("n_y", "y_def", "y_meta", "aux_def", "aux_leaves", "optimality", "system", "residual"):
+        for name in ("n_y", "y_def", "y_meta", "aux_def", "aux_leaves", "optimality", "system", "residual", "jit_inputs"):
             setattr(self, name, getattr(sub, name))
 
     def outputs(self, outs: Sequence[Tensor]) -> Any:
@@ -471,7 +558,9 @@ class _Root(Function):
             and not functorch_active()
             and all(problem.rec.theta[i].requires_grad for i in idx)
         )
-        if fast:
+        if problem.traced is not None and not torch.is_grad_enabled() and not functorch_active():
+            values = problem.jit_vjp(V, idx)
+        elif fast:
             values = problem.fast_vjp(V, idx)
         elif batched:  # general route, one cotangent at a time
             cols = [_ift_vjp(problem.system, problem.optimality, y, theta, V[:, j], idx) for j in range(V.shape[1])]
@@ -553,6 +642,7 @@ class _CustomRoot:
         linear: LinearSolver,
         has_aux: bool,
         optimality_label: str = "optimality_fn",
+        jit: bool = False,
     ) -> None:
         if not callable(solver):
             raise TypeError(f"custom_root decorates a solver function, got {type(solver).__name__}")
@@ -562,7 +652,11 @@ class _CustomRoot:
         self.optimality_name = _fn_name(optimality_fn, optimality_label)
         self._solver_sig = _signature(solver)
         self._opt_sig = _signature(optimality_fn)
+        if not isinstance(jit, bool):
+            raise TypeError(f"jit must be True or False, got {jit!r}")
+        self.traces: TraceCache | None = TraceCache() if jit else None
         self._last_residual: float | None = None
+        self._last_problem: _RootProblem | None = None  # a traced call: F is evaluated later, or on demand
         self._bound: set[Any] = set()  # call shapes whose signatures were checked (see _check_signatures)
 
     @property
@@ -573,6 +667,8 @@ class _CustomRoot:
     @property
     def last_residual(self) -> float | None:
         r""":math:`\|F(y^*, \theta)\|` at the latest solution (how well the solver solved the optimality condition)."""
+        if self._last_problem is not None:
+            return self._last_problem.lazy_residual()
         return self._last_residual
 
     def _check_signatures(self, init: Any, args: tuple, kwargs: dict) -> None:
@@ -625,6 +721,7 @@ class _CustomRoot:
         else:  # nothing to differentiate: just compute (as every torch function does)
             outs = problem.run(arguments.tensors)
         self._last_residual = problem.residual
+        self._last_problem = problem if problem.residual is None and problem.jit_inputs is not None else None
         return problem.outputs(outs)
 
     def __repr__(self) -> str:
@@ -637,6 +734,7 @@ def custom_root(
     has_aux: bool = False,
     *,
     nonconvergence: str = "warn",
+    jit: bool = False,
     **solve_options: Any,
 ) -> Callable[[Callable[..., Any]], _CustomRoot]:
     r"""Decorate ``solver(init, *theta) -> y*`` so that ``y*`` is differentiable in ``theta`` by the IFT.
@@ -704,6 +802,19 @@ def custom_root(
         nonconvergence: what to do when the linear solve does not converge:
             ``"warn"`` (a :class:`LinearSolveWarning` stating the residual),
             ``"raise"`` (:class:`LinearSolveError`) or ``"ignore"``.
+        jit: trace, once per input signature, the function that gives
+            :math:`F`, :math:`A` and :math:`B` of a densely factored system
+            (``solve="auto"`` with ``n <= dense_max``, or ``"dense"``) into a
+            graph of ATen operations and replay it in every later backward pass
+            (:mod:`implicit._jit`): about 3x faster on small problems, where
+            eager overhead dominates. Semantics of ``jax.jit``: tensors and
+            Python values that ``optimality_fn`` reads other than through its
+            arguments are frozen at the first call (pass everything that changes
+            as ``theta``); the non-tensor ``theta`` are part of the signature.
+            Calls that cannot be traced (data-dependent control flow in ``F``,
+            ``nn.Module`` arguments, higher-order or ``torch.func`` derivatives,
+            forward mode, Krylov solves) run eagerly, exactly as with
+            ``jit=False``. ``last_residual`` is then evaluated on demand.
         **solve_options: options of :func:`curvlab.linalg.solve` (``tol``,
             ``atol``, ``maxiter``, ``M``, ``damping``, ``symmetric``,
             ``dense_max``, ``restart``, ``x0``, ``alpha``, ``K``), or keyword
@@ -748,7 +859,7 @@ def custom_root(
     linear = LinearSolver(solve, solve_options, nonconvergence)
 
     def decorator(solver: Callable[..., Any]) -> _CustomRoot:
-        return _CustomRoot(solver, optimality_fn, linear, bool(has_aux))
+        return _CustomRoot(solver, optimality_fn, linear, bool(has_aux), jit=jit)
 
     return decorator
 
@@ -774,6 +885,7 @@ def custom_fixed_point(
     has_aux: bool = False,
     *,
     nonconvergence: str = "warn",
+    jit: bool = False,
     **solve_options: Any,
 ) -> Callable[[Callable[..., Any]], _CustomRoot]:
     r"""Decorate a solver of the fixed point :math:`y^* = T(y^*, \theta)` for implicit differentiation.
@@ -794,6 +906,7 @@ def custom_fixed_point(
         solve: linear solver (see :func:`custom_root`).
         has_aux: the solver returns ``(y*, aux)``.
         nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
+        jit: trace the dense IFT pieces once per signature (see :func:`custom_root`).
         **solve_options: options of the solver.
 
     Returns:
@@ -823,7 +936,7 @@ def custom_fixed_point(
     F = _fixed_point_residual(T)
 
     def decorator(solver: Callable[..., Any]) -> _CustomRoot:
-        return _CustomRoot(solver, F, linear, bool(has_aux), optimality_label="T")
+        return _CustomRoot(solver, F, linear, bool(has_aux), optimality_label="T", jit=jit)
 
     return decorator
 

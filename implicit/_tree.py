@@ -113,6 +113,29 @@ class Arguments:
                 stack.enter_context(_reparametrize_module(module, params))
             yield args, kwargs
 
+    def constants_key(self) -> Any:
+        """A hashable description of everything but the theta tensors (structure, constants); ``None`` if none.
+
+        ``None`` when a module is among the theta (its buffers and mode are state outside the
+        arguments) or a constant is not hashable: such calls are not traced (``jit=True``).
+        """
+        consts = []
+        for kind, value in self._slots:
+            if kind == "m":
+                return None
+            if kind == "c":
+                try:
+                    hash(value)
+                except TypeError:
+                    return None
+                consts.append((type(value), value))
+        spec: Any = self._theta_def
+        try:
+            hash(spec)
+        except TypeError:
+            spec = str(spec)
+        return (len(self._slots), spec, tuple(consts))
+
     def theta_structure(self, values: Sequence[Any]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` shaped like the theta, with ``values`` at the tensor leaves.
 

@@ -1,0 +1,117 @@
+r"""Traced (``jit=True``) evaluation of the dense IFT pieces: ``F``, ``A`` and the rows of ``B`` in one graph.
+
+On a small problem an implicit derivative costs a few dozen tensor operations
+(``F``, one batched backward pass through it, a factorisation), and in eager
+PyTorch each operation pays the dispatcher, autograd and ``torch.func``
+wrappers: about 1 ms where the arithmetic takes microseconds, 10x behind
+``jax.jit`` (``benchmarks/hypergradient.py``). With ``jit=True`` the function
+
+.. math::
+    (y, \theta) \mapsto \bigl(F(y, \theta),\; \partial_y F,\; \partial_{\theta_i} F\bigr)
+
+(the last for the differentiated ``theta``) is traced once per input signature
+into a graph of ATen operations (:func:`torch.fx.experimental.proxy_tensor.make_fx`
+with fake tensors, then :func:`torch.jit.trace` when available, whose
+interpreter runs the graph with far less overhead per operation) and replayed
+on later calls: no autograd graph, no ``torch.func`` wrappers, no
+re-validation. The factorisation and its checks stay eager
+(:func:`curvlab.linalg.solve`).
+
+Semantics are those of ``jax.jit``: tensors and Python values that ``F``
+reads other than through its arguments are frozen into the graph at the first
+call with a given signature (the signature: shapes, dtypes and devices of the
+tensors, and the values of the non-tensor arguments). Data-dependent Python
+control flow in ``F`` (``if y.norm() > 1``, ``.item()``) cannot be traced: such
+an ``F`` is detected while tracing and runs eagerly, as without ``jit``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FAILED", "TraceCache", "trace"]
+
+#: Cached for a signature whose function could not be traced (it runs eagerly).
+FAILED = object()
+
+#: At most this many signatures are traced per decorated function (then eager for new ones).
+MAX_SIGNATURES = 32
+
+
+def _captured(gm: torch.fx.GraphModule) -> list[Tensor]:
+    """Tensors the traced function read by closure (the graph's constants)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, str(node.target), None)
+            if isinstance(value, Tensor):
+                out.append(value)
+    return out
+
+
+def trace(fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tuple[Callable[..., Any], list[Tensor]]:
+    """Trace ``fn(*inputs) -> tuple of tensors`` into a replayable graph of ATen operations.
+
+    Args:
+        fn: a function of tensors, free of data-dependent Python control flow.
+        inputs: example inputs (their shapes, dtypes and devices are those of every later call).
+
+    Returns:
+        The compiled function (TorchScript when :func:`torch.jit.trace` accepts the graph,
+        else the FX graph module) and the tensors ``fn`` read by closure.
+
+    Raises:
+        Exception: whatever tracing raised (data-dependent control flow, an unsupported operation,
+            an error of ``fn`` itself); the caller then runs ``fn`` eagerly.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = [t.detach() for t in inputs]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a failed trace runs F again eagerly, with its warnings
+        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    captured = _captured(gm)
+    compiled: Callable[..., Any] = gm
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated: the FX module is the fallback
+            with torch.no_grad():
+                compiled = torch.jit.trace(gm, tuple(inputs), check_trace=False, strict=False)
+                compiled(*inputs)  # runs once: a graph TorchScript cannot replay falls back here
+    except Exception:  # noqa: BLE001 - any failure of the optional TorchScript step: replay the FX graph
+        compiled = gm
+    return compiled, captured
+
+
+def signature(tensors: Sequence[Tensor]) -> tuple:
+    """The part of a cache key that describes tensors: shape, dtype, device."""
+    return tuple((t.shape, t.dtype, t.device) for t in tensors)
+
+
+class TraceCache:
+    """Traced functions of one decorated solver, by input signature (at most :data:`MAX_SIGNATURES`)."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable) -> Any:
+        """The compiled function for ``key``, :data:`FAILED`, or ``None`` when not traced yet."""
+        return self._graphs.get(key)
+
+    def full(self) -> bool:
+        """No room for another signature."""
+        return len(self._graphs) >= MAX_SIGNATURES
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store a compiled function (or :data:`FAILED`) for ``key``."""
+        self._graphs[key] = value
+
+    def __len__(self) -> int:
+        return len(self._graphs)

@@ -1,0 +1,282 @@
+"""``custom_root(..., jit=True)``: the dense IFT pieces traced once per signature and replayed.
+
+Every derivative is checked against an independent dense reference (``torch.func.jacrev`` and
+``torch.linalg.solve``) and against the same decorated solver without ``jit``; the fallbacks (untraceable
+``F``, modules, higher order, Krylov sizes) are checked to give the eager results, and the ``jax.jit``
+semantics (captured values frozen, non-tensor arguments part of the signature) are pinned down.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicit
+from implicit._jit import FAILED
+
+DT = torch.float64
+
+
+def _ridge_data(seed: int = 0, n: int = 40, d: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    t = torch.randn(n, generator=g, dtype=DT)
+    return X, t
+
+
+def _g(w, lam, X, t):  # ridge with one penalty per feature
+    return 0.5 * ((X @ w - t) ** 2).mean() + 0.5 * (lam.exp() * w**2).sum()
+
+
+def _ridge_solver(jit: bool, **kw):
+    @implicit.custom_root(torch.func.grad(_g), jit=jit, nonconvergence="raise", **kw)
+    def solver(w0, lam, X, t):
+        H = X.T @ X / X.shape[0] + torch.diag(lam.exp())
+        return torch.linalg.solve(H, X.T @ t / X.shape[0])
+
+    return solver
+
+
+def _exact_ridge_grad(lam, X, t, v):
+    n = X.shape[0]
+    H = X.T @ X / n + torch.diag(lam.exp())
+    w = torch.linalg.solve(H, X.T @ t / n)
+    u = torch.linalg.solve(H, v)  # H symmetric
+    return -(lam.exp() * w) * u  # ∂F/∂λ = diag(e^λ w)
+
+
+def test_jit_matches_closed_form_and_eager_over_many_calls() -> None:
+    X, t = _ridge_data()
+    fast, slow = _ridge_solver(True), _ridge_solver(False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):  # new values, same signature: one trace, replayed
+        lam = torch.randn(6, generator=g, dtype=DT).requires_grad_()
+        v = torch.randn(6, generator=g, dtype=DT)
+        (h_fast,) = torch.autograd.grad(fast(torch.zeros(6, dtype=DT), lam, X, t) @ v, lam)
+        (h_slow,) = torch.autograd.grad(slow(torch.zeros(6, dtype=DT), lam, X, t) @ v, lam)
+        exact = _exact_ridge_grad(lam.detach(), X, t, v)
+        torch.testing.assert_close(h_fast, exact, rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(h_fast, h_slow, rtol=1e-12, atol=1e-15)
+    assert len(fast.traces) == 1 and list(fast.traces._graphs.values())[0] is not FAILED
+    assert fast.last_solve is not None and fast.last_solve.converged
+    assert fast.last_residual is not None and fast.last_residual < 1e-12
+
+
+def test_jit_new_data_values_are_used_not_frozen() -> None:
+    # data passed as arguments is an input of the graph: new values, new results
+    X, t = _ridge_data(0)
+    X2, t2 = _ridge_data(5)
+    fast = _ridge_solver(True)
+    lam = torch.full((6,), -1.0, dtype=DT, requires_grad=True)
+    v = torch.ones(6, dtype=DT)
+    for XX, tt in ((X, t), (X2, t2)):
+        (h,) = torch.autograd.grad(fast(torch.zeros(6, dtype=DT), lam, XX, tt) @ v, lam)
+        torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), XX, tt, v), rtol=1e-11, atol=1e-14)
+    assert len(fast.traces) == 1
+
+
+def test_jit_new_shapes_and_constants_are_new_signatures() -> None:
+    X, t = _ridge_data(0, n=40)
+    Xs, ts = _ridge_data(0, n=25)
+    calls = []
+
+    def F(w, lam, X, t, scale):  # noqa: N802 - a Python float argument is part of the signature
+        calls.append(scale)
+        return torch.func.grad(_g)(w, lam, X, t) * scale
+
+    @implicit.custom_root(F, jit=True)
+    def solver(w0, lam, X, t, scale):
+        H = X.T @ X / X.shape[0] + torch.diag(lam.exp())
+        return torch.linalg.solve(H, X.T @ t / X.shape[0])
+
+    lam = torch.zeros(6, dtype=DT, requires_grad=True)
+    v = torch.linspace(-1, 1, 6, dtype=DT)
+    for XX, tt, scale in ((X, t, 1.0), (Xs, ts, 1.0), (X, t, 3.0), (X, t, 1.0)):
+        (h,) = torch.autograd.grad(solver(None, lam, XX, tt, scale) @ v, lam)
+        # the solution does not depend on the scale of F, nor does its derivative
+        torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), XX, tt, v), rtol=1e-11, atol=1e-14)
+    assert len(solver.traces) == 3  # (40, 1.0), (25, 1.0), (40, 3.0); the last call replays the first
+    n_traced = len(calls)
+    torch.autograd.grad(solver(None, lam, X, t, 1.0) @ v, lam)
+    assert len(calls) == n_traced  # replayed: F (Python) is not called again
+
+
+def test_jit_freezes_captured_tensors_like_jax_jit() -> None:
+    # documented semantics: a tensor read by closure is frozen at the first trace... by reference, so an
+    # in-place update is seen, a rebinding is not (as jax.jit bakes globals as constants)
+    X, t = _ridge_data()
+    holder = {"X": X.clone()}
+
+    def F(w, lam, t):  # noqa: N802
+        return torch.func.grad(_g)(w, lam, holder["X"], t)
+
+    @implicit.custom_root(F, jit=True)
+    def solver(w0, lam, t):
+        XX = holder["X"]
+        return torch.linalg.solve(XX.T @ XX / XX.shape[0] + torch.diag(lam.exp()), XX.T @ t / XX.shape[0])
+
+    lam = torch.zeros(6, dtype=DT, requires_grad=True)
+    v = torch.ones(6, dtype=DT)
+    (h,) = torch.autograd.grad(solver(None, lam, t) @ v, lam)
+    torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), X, t, v), rtol=1e-11, atol=1e-14)
+    holder["X"].mul_(2.0)  # in place: the graph reads the same storage
+    (h2,) = torch.autograd.grad(solver(None, lam, t) @ v, lam)
+    torch.testing.assert_close(h2, _exact_ridge_grad(lam.detach(), 2 * X, t, v), rtol=1e-11, atol=1e-14)
+
+
+def test_jit_untraceable_F_runs_eagerly() -> None:
+    X, t = _ridge_data()
+
+    def F(w, lam, X, t):  # noqa: N802 - data-dependent Python control flow cannot be traced
+        grad = torch.func.grad(_g)(w, lam, X, t)
+        if float(lam.sum()) > 100:  # never true here, but the trace cannot know
+            return grad * 2
+        return grad
+
+    @implicit.custom_root(F, jit=True, nonconvergence="raise")
+    def solver(w0, lam, X, t):
+        return torch.linalg.solve(X.T @ X / X.shape[0] + torch.diag(lam.exp()), X.T @ t / X.shape[0])
+
+    lam = torch.full((6,), -0.5, dtype=DT, requires_grad=True)
+    v = torch.ones(6, dtype=DT)
+    for _ in range(2):
+        (h,) = torch.autograd.grad(solver(None, lam, X, t) @ v, lam)
+        torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), X, t, v), rtol=1e-11, atol=1e-14)
+    assert list(solver.traces._graphs.values()) == [FAILED]
+
+
+def test_jit_closure_over_tensor_requiring_grad_is_refused() -> None:
+    X, t = _ridge_data()
+    lam_captured = torch.zeros(6, dtype=DT, requires_grad=True)
+
+    def F(w, X, t):  # noqa: N802
+        return torch.func.grad(_g)(w, lam_captured, X, t)
+
+    @implicit.custom_root(F, jit=True)
+    def solver(w0, X, t):
+        return torch.zeros(6, dtype=DT)
+
+    with pytest.raises(ValueError, match="closes over"):
+        solver(None, X.requires_grad_(), t)
+
+
+def test_jit_falls_back_for_higher_order_and_krylov_sizes() -> None:
+    X, t = _ridge_data()
+    lam = torch.full((6,), -0.3, dtype=DT, requires_grad=True)
+    v = torch.linspace(0.5, 1.5, 6, dtype=DT)
+    fast, slow = _ridge_solver(True), _ridge_solver(False)
+    # second derivatives (create_graph): the eager differentiable route
+    hs = []
+    for s in (fast, slow):
+        (h,) = torch.autograd.grad(s(None, lam, X, t) @ v, lam, create_graph=True)
+        (hh,) = torch.autograd.grad(h.sum(), lam)
+        hs.append((h.detach(), hh))
+    torch.testing.assert_close(hs[0][0], hs[1][0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(hs[0][1], hs[1][1], rtol=1e-10, atol=1e-13)
+    # torch.func.jacrev: eager route, same Jacobian as the dense reference
+    J = torch.func.jacrev(lambda lam: fast(None, lam, X, t))(lam.detach())
+    Jref = torch.stack([_exact_ridge_grad(lam.detach(), X, t, e) for e in torch.eye(6, dtype=DT)])
+    torch.testing.assert_close(J, Jref, rtol=1e-10, atol=1e-13)
+    # beyond dense_max: CG on products, nothing traced
+    krylov = _ridge_solver(True, dense_max=3)
+    (h,) = torch.autograd.grad(krylov(None, lam, X, t) @ v, lam)
+    torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), X, t, v), rtol=1e-8, atol=1e-11)
+    assert len(krylov.traces) == 0
+
+
+def test_jit_module_argument_runs_eagerly() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1).double()
+    x = torch.randn(8, 3, dtype=DT)
+
+    def F(y, net):  # noqa: N802 - y = net(x).mean() is the root
+        return y - net(x).mean().reshape(1)
+
+    @implicit.custom_root(F, jit=True)
+    def solver(y0, net):
+        return net(x).mean().detach().reshape(1)
+
+    y = solver(torch.zeros(1, dtype=DT), net)
+    y.sum().backward()
+    torch.testing.assert_close(net.bias.grad, torch.ones(1, dtype=DT))
+    torch.testing.assert_close(net.weight.grad, x.mean(0, keepdim=True))
+    assert len(solver.traces) == 0
+
+
+def test_jit_pytree_solution_and_several_theta() -> None:
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(5, 5, generator=g, dtype=DT) + 5 * torch.eye(5, dtype=DT)  # not symmetric
+
+    def F(y, a, b, c):  # noqa: N802 - y = {"u": (2,), "w": (3,)}; theta: (5,), (2, 2), an int tensor
+        flat = torch.cat([y["u"], y["w"]])
+        r = M @ flat + 0.1 * torch.tanh(flat) - a - torch.cat([b.reshape(-1), b[0, :1]]) * c
+        return {"u": r[:2], "w": r[2:]}
+
+    def solve_flat(a, b, c):
+        flat = torch.zeros(5, dtype=DT)
+        for _ in range(50):
+            y = {"u": flat[:2], "w": flat[2:]}
+            r = torch.cat(list(F(y, a, b, c).values()))
+            J = M + torch.diag(0.1 * (1 - torch.tanh(flat) ** 2))
+            flat = flat - torch.linalg.solve(J, r)
+        return flat
+
+    for jit in (True, False):
+
+        @implicit.custom_root(F, jit=jit, nonconvergence="raise")
+        def solver(y0, a, b, c):
+            flat = solve_flat(a, b, c)
+            return {"u": flat[:2], "w": flat[2:]}
+
+        a = torch.randn(5, generator=g, dtype=DT).requires_grad_()
+        b = torch.randn(2, 2, generator=g, dtype=DT).requires_grad_()
+        c = torch.tensor(2, dtype=torch.int64)
+        out = solver(None, a, b, c)
+        v = torch.randn(5, generator=g, dtype=DT)
+        ga, gb = torch.autograd.grad(torch.cat([out["u"], out["w"]]) @ v, (a, b))
+        ref_a, ref_b = torch.func.jacrev(solve_flat, argnums=(0, 1))(a.detach(), b.detach(), c)
+        torch.testing.assert_close(ga, v @ ref_a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb, torch.einsum("i,ijk->jk", v, ref_b), rtol=1e-10, atol=1e-12)
+        if jit:
+            assert len(solver.traces) == 1 and list(solver.traces._graphs.values())[0] is not FAILED
+
+
+def test_jit_float32_and_batched_cotangents() -> None:
+    X, t = _ridge_data()
+    X32, t32 = X.float(), t.float()
+    fast = _ridge_solver(True)
+    lam = torch.full((6,), -1.0, requires_grad=True)
+    w = fast(None, lam, X32, t32)
+    assert w.dtype == torch.float32
+    (h,) = torch.autograd.grad(w.sum(), lam)
+    exact = _exact_ridge_grad(lam.detach().double(), X, t, torch.ones(6, dtype=DT))
+    torch.testing.assert_close(h.double(), exact, rtol=1e-4, atol=1e-6)
+    # a block of cotangents (is_grads_batched) through the traced graph
+    lam64 = torch.full((6,), -1.0, dtype=DT, requires_grad=True)
+    w = fast(None, lam64, X, t)
+    eye = torch.eye(6, dtype=DT)
+    (J,) = torch.autograd.grad(w, lam64, eye, is_grads_batched=True)
+    Jref = torch.stack([_exact_ridge_grad(lam64.detach(), X, t, e) for e in eye])
+    torch.testing.assert_close(J, Jref, rtol=1e-10, atol=1e-13)
+
+
+def test_jit_optimality_warning_and_lazy_residual() -> None:
+    X, t = _ridge_data()
+    fast = _ridge_solver(True)
+
+    @implicit.custom_root(torch.func.grad(_g), jit=True)
+    def sloppy(w0, lam, X, t):  # far from the root
+        return torch.ones(6, dtype=DT)
+
+    lam = torch.zeros(6, dtype=DT, requires_grad=True)
+    w = sloppy(None, lam, X, t)
+    assert sloppy.last_residual is not None and sloppy.last_residual > 0.1  # evaluated on demand
+    with pytest.warns(implicit.OptimalityWarning):
+        w.sum().backward()
+    w = fast(None, lam, X, t)
+    assert fast.last_residual < 1e-12
+
+
+def test_jit_argument_checked() -> None:
+    with pytest.raises(TypeError, match="jit"):
+        implicit.custom_root(torch.func.grad(_g), jit="yes")(lambda w0, lam: w0)
