@@ -13,10 +13,12 @@ remain as deprecated aliases of :func:`curvlab.linalg.solve` /
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from curvlab import linalg
@@ -153,6 +155,48 @@ class LinearSolver:
         self.last = res
         self.check(res)
         return res.x
+
+    # --------------------------------------------------------------- jit=True
+    def traced_damping(self, dtype: torch.dtype) -> float | None:
+        """The damping a traced dense solve adds (``0.0`` for none); ``None`` if a traced solve cannot stand
+        in for :meth:`solve_matrix` (options it does not model: a tolerance below what ``dtype`` resolves)."""
+        tol = self.options.get("tol")
+        if tol is not None and (not isinstance(tol, (int, float)) or 0 < tol < linalg.min_tol(dtype)):
+            return None
+        damping = self.options.get("damping", 0.0)
+        return float(damping) if isinstance(damping, (int, float)) and damping >= 0 else None
+
+    def traced_accepts(self, info: float, rnorm: Sequence[float], bnorm: Sequence[float], dtype: torch.dtype) -> bool:
+        """A traced LU solve succeeded: the factorisation did not fail and every column meets the tolerance."""
+        tol = self.options.get("tol")
+        tol = linalg.default_tol(dtype) if tol is None else float(tol)
+        atol = float(self.options.get("atol", 0.0))
+        return info == 0 and all(math.isfinite(r) and r <= max(tol * b, atol) for r, b in zip(rnorm, bnorm))
+
+    def record_traced(self, x: Tensor, rnorm: Tensor, bnorm: Tensor, ndim: int, anorm: float) -> None:
+        """Record (and check) a traced dense solve that :meth:`traced_accepts`, as :meth:`solve_matrix` would."""
+        vec = ndim == 1
+        res = KrylovResult(
+            x=x,
+            converged=True,
+            residual_norm=rnorm[0] if vec else rnorm,
+            n_iter=0,
+            n_matvecs=x.shape[0],
+            status=Status.CONVERGED,
+            info={
+                "factorization": "lu",
+                "refinement_steps": 1,
+                "anorm": anorm,
+                "traced": True,
+                "converged_columns": torch.ones((), dtype=torch.bool)
+                if vec
+                else torch.ones(len(rnorm), dtype=torch.bool),
+            },
+            method="dense",
+            rhs_norm=bnorm[0] if vec else bnorm,
+        )
+        self.last = res
+        self.check(res)
 
     def check(self, res: KrylovResult) -> None:
         """Apply the ``nonconvergence`` policy to ``res``.

@@ -188,7 +188,7 @@ def _refuse_closure(fun: _Optimality, foreign: Sequence[Tensor]) -> None:
 
 def _jacobian_fn(fun: _Optimality, n_y: int, diff: Sequence[int]) -> Callable[..., tuple[Tensor, ...]]:
     r"""``(*y, *theta) -> (F, A, *rows)``: :math:`F`, :math:`A = \partial_y F` ``(n, n)`` and the rows of
-    :math:`B` for ``theta[diff]`` (each ``(n, *shape)``), by one batched vjp (what ``jit=True`` traces)."""
+    :math:`B` for ``theta[diff]`` (each ``(n, *shape)``), by one batched vjp."""
 
     def jacobian(*flat: Tensor) -> tuple[Tensor, ...]:
         y, theta = list(flat[:n_y]), list(flat[n_y:])
@@ -206,6 +206,38 @@ def _jacobian_fn(fun: _Optimality, n_y: int, diff: Sequence[int]) -> Callable[..
         return (F, _flat(gs[:n_y], True), *gs[n_y:])
 
     return jacobian
+
+
+def _ift_fn(fun: _Optimality, n_y: int, diff: Sequence[int], damping: float) -> Callable[..., tuple[Tensor, ...]]:
+    r"""``(*y, *theta, V) -> (A, *rows, U, *grads, stats)``: the whole reverse-mode IFT of a small system
+    (what ``jit=True`` traces; Blondel et al. eq. (4)).
+
+    :math:`A` and the rows of :math:`B` by :func:`_jacobian_fn`; :math:`U = (A + \lambda I)^{-\top} V` by LU
+    with one step of iterative refinement, branch-free (the caller checks ``stats`` and redoes the solve
+    with :func:`curvlab.linalg.solve` when the factorisation failed or the residual is too large);
+    ``grads[i] = -U^\top B_i`` ``(k, numel)``; ``stats = [LU info, ‖F‖, ‖y‖, ‖A + λI‖_F, ‖R_j‖..., ‖V_j‖...]``.
+    """
+    jacobian = _jacobian_fn(fun, n_y, diff)
+
+    def ift(*flat: Tensor) -> tuple[Tensor, ...]:
+        V = flat[-1]
+        F, A, *rows = jacobian(*flat[:-1])
+        n = A.shape[0]
+        At = A.T
+        if damping:
+            At = At + damping * torch.eye(n, dtype=A.dtype, device=A.device)
+        Vm = V.reshape(n, -1)
+        LU, piv, info = torch.linalg.lu_factor_ex(At)
+        U = torch.linalg.lu_solve(LU, piv, Vm)
+        U = U + torch.linalg.lu_solve(LU, piv, torch.addmm(Vm, At, U, alpha=-1))  # one refinement step
+        rnorm = torch.linalg.vector_norm(torch.addmm(Vm, At, U, alpha=-1), dim=0)
+        grads = [-(U.T @ r.reshape(n, -1)) for r in rows]
+        ynorm = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in flat[:n_y]]))
+        scalars = torch.stack([info.to(A.dtype), torch.linalg.vector_norm(F), ynorm, torch.linalg.matrix_norm(At)])
+        stats = torch.cat([scalars, rnorm, torch.linalg.vector_norm(Vm, dim=0)])
+        return (A, *rows, U, *grads, stats)
+
+    return ift
 
 
 def _ift_vjp(
@@ -325,9 +357,10 @@ class _RootProblem:
         self.residual: float | None = None
         self.y_norm: float = 0.0
         self.rec: Recorded | None = None
-        # jit=True: the traced (F, A, rows of B) function, the theta it differentiates, and its inputs
-        self.traced: tuple[Callable[..., tuple[Tensor, ...]], list[int]] | None = None
-        self.jit_inputs: tuple[list[Tensor], list[Tensor]] | None = None
+        # jit=True: the cache entry of this call's signature ({V signature: traced IFT}, differentiated theta)
+        self.traced: tuple[dict[Any, Callable[..., tuple[Tensor, ...]]], list[int]] | None = None
+        # (y, theta) of a call that did not evaluate F (jit=True, or nothing to differentiate)
+        self.deferred: tuple[list[Tensor], list[Tensor]] | None = None
 
     # forward: run the solver, record structures, evaluate F once
     def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -388,8 +421,9 @@ class _RootProblem:
             if any(t.requires_grad for t in (*y, *theta)):  # F made our detached inputs require grad
                 raise _autograd_grad_hint(fun.name, RuntimeError("it set requires_grad on y or theta"))
             _check_closure(fun, F, [])
-        else:
-            F = fun(y, theta)
+        else:  # nothing will be differentiated: F is needed only for last_residual, evaluated on demand
+            self.deferred = (y, theta)
+            return
         if F.dtype != y[0].dtype:
             raise TypeError(f"{fun.name} returned F of dtype {F.dtype} for y of dtype {y[0].dtype}; they must match")
         Fd = F.detach()
@@ -397,17 +431,19 @@ class _RootProblem:
         self.y_norm = float(torch.linalg.vector_norm(flat_cat(y)))
 
     def _traced(self, y: list[Tensor], theta: list[Tensor], wants: list[bool]) -> bool:
-        """``jit=True``: find (or trace) the graph of ``F``, ``A`` and ``B`` for this call's signature.
+        """``jit=True``: find (or trace, for a cotangent shaped like ``y``) the IFT graph of this signature.
 
         False (and the eager route) when ``jit`` is off, nothing is differentiated, the system is not
         factored densely, a module or an unhashable constant is among the theta, or ``F`` cannot be traced.
         """
-        traces, fun = self.root.traces, self.optimality
+        root, fun = self.root, self.optimality
+        traces, linear = root.traces, root.linear
         assert fun is not None
-        if traces is None or not any(wants) or not self.root.linear.factors(fun.n):
+        if traces is None or not any(wants) or not linear.factors(fun.n):
             return False
+        damping = linear.traced_damping(y[0].dtype)
         consts = self.arguments.constants_key()
-        if consts is None:
+        if damping is None or consts is None:
             return False
         key = (tuple(wants), signature(y), signature(theta), consts)
         entry = traces.get(key)
@@ -415,36 +451,61 @@ class _RootProblem:
             return False
         if entry is None:
             diff = [i for i, w in enumerate(wants) if w]
+            v = torch.zeros(fun.n, dtype=y[0].dtype, device=y[0].device)
             try:
-                compiled, captured = trace(_jacobian_fn(fun, len(y), diff), [*y, *theta])
+                compiled, captured = trace(_ift_fn(fun, len(y), diff, damping), [*y, *theta, v])
             except Exception:  # noqa: BLE001 - untraceable F (data-dependent control flow, ...): run eagerly
                 traces.put(key, FAILED)
                 return False
             _refuse_closure(fun, [t for t in captured if t.requires_grad])
-            entry = (compiled, diff)
+            entry = ({signature([v]): compiled}, diff)
             traces.put(key, entry)
-        self.traced, self.jit_inputs = entry, (y, theta)
+        self.traced, self.deferred = entry, (y, theta)
         return True
 
     def lazy_residual(self) -> float | None:
-        """:attr:`residual`, evaluating ``F`` now if the (traced) call has not done so yet."""
-        if self.residual is None and self.jit_inputs is not None and self.optimality is not None:
+        """:attr:`residual`, evaluating ``F`` now if the call deferred it (``jit=True``, no gradient)."""
+        if self.residual is None and self.deferred is not None and self.optimality is not None:
             with torch.no_grad():
-                self.residual = float(torch.linalg.vector_norm(self.optimality(*self.jit_inputs)))
+                self.residual = float(torch.linalg.vector_norm(self.optimality(*self.deferred)))
         return self.residual
 
-    def jit_vjp(self, v: Tensor, idx: list[int]) -> list[Tensor]:
-        """``-Bᵀ A⁻ᵀ v`` for ``theta[idx]`` from the traced graph (``v``: ``(n,)`` or ``(n, k)``)."""
-        assert self.traced is not None and self.jit_inputs is not None
-        compiled, diff = self.traced
-        y, theta = self.jit_inputs
-        F, A, *rows = compiled(*y, *theta)
-        where = {i: k for k, i in enumerate(diff)}
-        grads = _dense_vjp(self.root.linear, A, [rows[where[i]] for i in idx], v)
-        self.residual = float(torch.linalg.vector_norm(F))
-        self.y_norm = float(torch.linalg.vector_norm(flat_cat(y)))
-        _warn_residual(self.root.linear.last, self.residual, self.y_norm, self.root.solver_name)
-        return grads
+    def jit_vjp(self, V: Tensor, idx: list[int]) -> list[Tensor] | None:
+        """``-Bᵀ A⁻ᵀ V`` for ``theta[idx]`` by the traced graph (``V``: ``(n,)`` or ``(n, k)``).
+
+        ``None`` when a new cotangent shape cannot be traced (the caller takes the eager route).
+        """
+        assert self.traced is not None and self.deferred is not None and self.optimality is not None
+        graphs, diff = self.traced
+        y, theta = self.deferred
+        linear = self.root.linear
+        vsig = signature([V])
+        compiled = graphs.get(vsig)
+        if compiled is None:
+            try:
+                damping = linear.traced_damping(V.dtype)
+                compiled, _ = trace(_ift_fn(self.optimality, len(y), diff, damping or 0.0), [*y, *theta, V])
+            except Exception:  # noqa: BLE001 - the eager route computes the same derivatives
+                return None
+            graphs[vsig] = compiled
+        outs = compiled(*y, *theta, V)
+        nd = len(diff)
+        A, rows, U, grads, stats = outs[0], outs[1 : 1 + nd], outs[1 + nd], outs[2 + nd : 2 + 2 * nd], outs[-1]
+        where = {i: j for j, i in enumerate(diff)}
+        values = stats.tolist()  # one host sync for every check
+        info, fnorm, ynorm, anorm = values[:4]
+        k = U.shape[1]
+        self.residual, self.y_norm = fnorm, ynorm
+        if linear.traced_accepts(info, values[4 : 4 + k], values[4 + k :], V.dtype):
+            linear.record_traced(U if V.ndim == 2 else U[:, 0], stats[4 : 4 + k], stats[4 + k :], V.ndim, anorm)
+            out = []
+            for i in idx:
+                g, shape = grads[where[i]], theta[i].shape
+                out.append(g.reshape(shape) if V.ndim == 1 else g.reshape(k, *shape))
+        else:  # LU failed or the refined residual is too large: the full dense solve decides (and reports)
+            out = _dense_vjp(linear, A, [rows[where[i]] for i in idx], V)
+        _warn_residual(linear.last, self.residual, self.y_norm, self.root.solver_name)
+        return out
 
     def element(self) -> _RootProblem:
         """A problem for one element of a ``vmap`` batch, sharing the structures found so far."""
@@ -455,7 +516,8 @@ class _RootProblem:
 
     def adopt(self, sub: _RootProblem) -> None:
         """Take the structures (and latest residual) found while solving one ``vmap`` element."""
-        for name in ("n_y", "y_def", "y_meta", "aux_def", "aux_leaves", "optimality", "system", "residual", "jit_inputs"):
+        names = ("n_y", "y_def", "y_meta", "aux_def", "aux_leaves", "optimality", "system", "residual", "deferred")
+        for name in names:
             setattr(self, name, getattr(sub, name))
 
     def outputs(self, outs: Sequence[Tensor]) -> Any:
@@ -558,8 +620,11 @@ class _Root(Function):
             and not functorch_active()
             and all(problem.rec.theta[i].requires_grad for i in idx)
         )
+        traced = None
         if problem.traced is not None and not torch.is_grad_enabled() and not functorch_active():
-            values = problem.jit_vjp(V, idx)
+            traced = problem.jit_vjp(V, idx)
+        if traced is not None:
+            values = traced
         elif fast:
             values = problem.fast_vjp(V, idx)
         elif batched:  # general route, one cotangent at a time
@@ -656,7 +721,7 @@ class _CustomRoot:
             raise TypeError(f"jit must be True or False, got {jit!r}")
         self.traces: TraceCache | None = TraceCache() if jit else None
         self._last_residual: float | None = None
-        self._last_problem: _RootProblem | None = None  # a traced call: F is evaluated later, or on demand
+        self._last_problem: _RootProblem | None = None  # a call that deferred F: evaluated later, or on demand
         self._bound: set[Any] = set()  # call shapes whose signatures were checked (see _check_signatures)
 
     @property
@@ -721,7 +786,7 @@ class _CustomRoot:
         else:  # nothing to differentiate: just compute (as every torch function does)
             outs = problem.run(arguments.tensors)
         self._last_residual = problem.residual
-        self._last_problem = problem if problem.residual is None and problem.jit_inputs is not None else None
+        self._last_problem = problem if problem.residual is None and problem.deferred is not None else None
         return problem.outputs(outs)
 
     def __repr__(self) -> str:

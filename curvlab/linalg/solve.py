@@ -248,10 +248,16 @@ def _result(
     n_matvecs: int,
     status: Status | None = None,
     info: dict | None = None,
+    all_conv: bool | None = None,
+    bnorm: Tensor | None = None,
 ) -> KrylovResult:
-    """A :class:`KrylovResult` from ``(n, k)`` / ``(k,)`` pieces, shaped like ``b``."""
+    """A :class:`KrylovResult` from ``(n, k)`` / ``(k,)`` pieces, shaped like ``b``.
+
+    ``all_conv`` (``conv.all()``) and ``bnorm`` (the column norms of ``b``) may be passed when known.
+    """
     vec = b.ndim == 1
-    all_conv = bool(conv.all())
+    if all_conv is None:
+        all_conv = bool(conv.all())
     if status is None:
         if all_conv:
             status = Status.CONVERGED
@@ -261,23 +267,20 @@ def _result(
             status = Status.MAX_ITER
     elif all_conv:
         status = Status.CONVERGED
-    b2 = b[:, None] if vec else b
-
-    def shape(t: Tensor) -> Tensor:
-        return t[..., 0] if vec else t
-
-    info = dict(info or {})
-    info["converged_columns"] = shape(conv)
+    if bnorm is None:
+        bnorm = _colnorm(b[:, None] if vec else b)
+    info = dict(info) if info else {}
+    info["converged_columns"] = conv[0] if vec else conv
     return KrylovResult(
-        x=shape(x),
+        x=x[:, 0] if vec else x,
         converged=all_conv,
-        residual_norm=shape(rnorm),
+        residual_norm=rnorm[0] if vec else rnorm,
         n_iter=int(n_iter),
         n_matvecs=int(n_matvecs),
         status=status,
         info=info,
         method=method,
-        rhs_norm=shape(_colnorm(b2)),
+        rhs_norm=bnorm[0] if vec else bnorm,
     )
 
 
@@ -299,7 +302,6 @@ def _dense(
         Ad = Ad + lam * torch.eye(Ad.shape[0], dtype=Ad.dtype, device=Ad.device)
     n_matvecs = op.n_matvecs - start
     B = _block(b)
-    thresh = _thresh(B, tol_f, atol_f)
     sym = op.is_symmetric or (symmetric is True)
     factor: Callable[[Tensor], Tensor] | None = None
     kind = "lu"
@@ -318,6 +320,8 @@ def _dense(
             def factor(R: Tensor, LU: Tensor = LU, piv: Tensor = piv) -> Tensor:
                 return torch.linalg.lu_solve(LU, piv, R)
 
+    bnorm = _colnorm(B)
+    thresh = torch.clamp(tol_f * bnorm, min=atol_f)
     if factor is None:  # exactly singular: the least-squares solution (pseudo-inverse)
         kind = "lstsq"
         X = torch.linalg.lstsq(Ad, B, driver="gelsd" if Ad.device.type == "cpu" else None).solution
@@ -326,15 +330,15 @@ def _dense(
     else:
         X = factor(B)
         refine = 0
-        R = B - Ad @ X
-        rnorm = _colnorm(R)
-        if bool((rnorm > thresh).any()) and bool(torch.isfinite(rnorm).all()):
-            X = X + factor(R)  # one step of fixed-precision iterative refinement
+        rnorm = _colnorm(torch.addmm(B, Ad, X, alpha=-1))
+        if not bool((rnorm <= thresh).all()) and bool(torch.isfinite(rnorm).all()):
+            X = X + factor(torch.addmm(B, Ad, X, alpha=-1))  # one step of fixed-precision iterative refinement
             refine = 1
-            rnorm = _colnorm(B - Ad @ X)
+            rnorm = _colnorm(torch.addmm(B, Ad, X, alpha=-1))
     conv = rnorm <= thresh
+    all_conv = bool(conv.all())
     status = None
-    if not bool(conv.all()) and bool(torch.isfinite(X).all()):
+    if not all_conv and bool(torch.isfinite(X).all()):
         status = Status.BREAKDOWN if kind == "lstsq" else Status.STALLED  # at the dtype's limit for this matrix
     return _result(
         X,
@@ -346,6 +350,8 @@ def _dense(
         n_matvecs=n_matvecs,
         status=status,
         info={"factorization": kind, "refinement_steps": refine, "anorm": float(torch.linalg.matrix_norm(Ad))},
+        all_conv=all_conv,
+        bnorm=bnorm,
     )
 
 

@@ -124,7 +124,7 @@ def test_jit_freezes_captured_tensors_like_jax_jit() -> None:
     torch.testing.assert_close(h2, _exact_ridge_grad(lam.detach(), 2 * X, t, v), rtol=1e-11, atol=1e-14)
 
 
-def test_jit_untraceable_F_runs_eagerly() -> None:
+def test_jit_untraceable_f_runs_eagerly() -> None:
     X, t = _ridge_data()
 
     def F(w, lam, X, t):  # noqa: N802 - data-dependent Python control flow cannot be traced
@@ -280,3 +280,81 @@ def test_jit_optimality_warning_and_lazy_residual() -> None:
 def test_jit_argument_checked() -> None:
     with pytest.raises(TypeError, match="jit"):
         implicit.custom_root(torch.func.grad(_g), jit="yes")(lambda w0, lam: w0)
+
+
+def test_jit_reports_the_traced_solve_and_honours_damping() -> None:
+    X, t = _ridge_data()
+    lam = torch.full((6,), -0.7, dtype=DT, requires_grad=True)
+    v = torch.linspace(-1, 2, 6, dtype=DT)
+    out = []
+    for jit in (True, False):
+        s = _ridge_solver(jit, damping=0.25)
+        (h,) = torch.autograd.grad(s(None, lam, X, t) @ v, lam)
+        out.append((h, s.last_solve))
+    (h_jit, res_jit), (h_eager, res_eager) = out
+    # damping changes the system: (A + 0.25 I)ᵀ u = v
+    n = X.shape[0]
+    H = X.T @ X / n + torch.diag(lam.detach().exp())
+    w = torch.linalg.solve(H, X.T @ t / n)
+    u = torch.linalg.solve(H + 0.25 * torch.eye(6, dtype=DT), v)
+    torch.testing.assert_close(h_jit, -(lam.detach().exp() * w) * u, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(h_jit, h_eager, rtol=1e-12, atol=1e-15)
+    assert res_jit.info.get("traced") and res_jit.method == "dense" and res_jit.converged
+    assert res_jit.n_matvecs == res_eager.n_matvecs == 6
+    torch.testing.assert_close(torch.as_tensor(res_jit.info["anorm"]), torch.as_tensor(res_eager.info["anorm"]))
+    assert float(res_jit.residual_norm) <= 1e-12 * float(res_jit.rhs_norm)
+
+
+def test_jit_singular_system_falls_back_to_the_full_dense_solve() -> None:
+    # A = ∂F/∂y is exactly singular: the traced LU reports failure, the eager dense solve takes the
+    # least-squares solution and reports it, exactly as without jit
+    P = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=DT)
+
+    def F(y, a):  # noqa: N802
+        return P @ y - P @ a
+
+    results = []
+    for jit in (True, False):
+
+        @implicit.custom_root(F, jit=jit, nonconvergence="ignore")
+        def solver(y0, a):
+            return P @ a
+
+        a = torch.tensor([1.0, 2.0, 3.0], dtype=DT, requires_grad=True)
+        (g,) = torch.autograd.grad(solver(None, a) @ torch.tensor([1.0, 1.0, 1.0], dtype=DT), a)
+        results.append((g, solver.last_solve))
+    (g_jit, r_jit), (g_eager, r_eager) = results
+    torch.testing.assert_close(g_jit, g_eager)
+    assert r_jit.info["factorization"] == r_eager.info["factorization"] == "lstsq"
+    assert not r_jit.info.get("traced")
+
+
+def test_jit_tolerance_below_precision_runs_eagerly() -> None:
+    from curvlab.linalg import ToleranceWarning
+
+    X, t = _ridge_data()
+    s = _ridge_solver(True, tol=1e-20)
+    lam = torch.zeros(6, dtype=DT, requires_grad=True)
+    with pytest.warns(ToleranceWarning):
+        (h,) = torch.autograd.grad(s(None, lam, X, t).sum(), lam)
+    torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), X, t, torch.ones(6, dtype=DT)))
+    assert len(s.traces) == 0
+
+
+def test_evaluation_without_grad_defers_f_to_last_residual() -> None:
+    X, t = _ridge_data()
+    calls = []
+
+    def F(w, lam, X, t):  # noqa: N802
+        calls.append(1)
+        return torch.func.grad(_g)(w, lam, X, t)
+
+    @implicit.custom_root(F)
+    def solver(w0, lam, X, t):
+        return torch.zeros(6, dtype=DT)  # not the root: ‖F‖ = ‖Xᵀt‖/n
+
+    with torch.no_grad():
+        solver(None, torch.zeros(6, dtype=DT), X, t)
+    assert not calls
+    torch.testing.assert_close(torch.tensor(solver.last_residual, dtype=DT), (X.T @ t / X.shape[0]).norm())
+    assert len(calls) == 1
