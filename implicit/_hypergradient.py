@@ -15,6 +15,7 @@ Hessian formed with one batched product and factored, CG otherwise),
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from curvlab.linalg import KrylovResult
+from curvlab.linalg import METHODS, KrylovResult
 
 from ._graph import Recorded, check_forward_levels, foreign_leaves
 from ._linear_solve import LinearSolver
-from ._root import _ift_vjp, _plain, _recorded_vjp, _setup, _warn_residual
+from ._root import _CustomRoot, _ift_vjp, _plain, _recorded_vjp, _setup, _warn_residual, custom_root
 from ._tree import flat_cat
 
 __all__ = ["hypergradient"]
@@ -50,6 +51,7 @@ def hypergradient(
     args: tuple = (),
     full_output: bool = False,
     nonconvergence: str = "warn",
+    jit: bool = False,
     **solve_options: Any,
 ) -> Any:
     r"""The implicit hypergradient :math:`\nabla_x f - \partial^2_{xy} g\,[\partial^2_{yy} g]^{-1}\nabla_y f`.
@@ -83,6 +85,12 @@ def hypergradient(
             (per-task data) must come in here rather than by closure.
         full_output: also return the :class:`~curvlab.linalg.KrylovResult` of the solve.
         nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
+        jit: trace the IFT of a small inner problem once per signature and replay
+            it (as :func:`custom_root`'s ``jit``, with its ``jax.jit`` semantics:
+            values ``inner`` reads by closure are frozen at the first call). The
+            traces are kept per ``inner`` function object, so pass the same
+            function on every call (a fresh ``lambda`` each time retraces).
+            ``outer`` runs eagerly.
         **solve_options: options of the solver (``tol``, ``maxiter``, ``alpha``, ``K``, ...).
 
     Returns:
@@ -129,6 +137,10 @@ def hypergradient(
         raise TypeError(
             f"y_star must be a floating-point tensor or a tuple/list/dict of them, got {type(y_star).__name__}"
         )
+    if not isinstance(jit, bool):
+        raise TypeError(f"jit must be True or False, got {jit!r}")
+    if jit and _plain(x_leaves, y_leaves, args):
+        return _jitted(outer, inner, x_leaves, x_def, y_star, args, solve, nonconvergence, solve_options, full_output)
     linear = LinearSolver(solve, solve_options, nonconvergence, symmetric=True)
     if _plain(x_leaves, y_leaves, args):
         out, info = _recorded(outer, inner, x_leaves, x_def, y_leaves, y_def, args, linear)
@@ -186,6 +198,95 @@ def _recorded(
         linear.last, float(F.detach().norm()), float(flat_cat(y_leaves).norm()), "hypergradient", _ORDER_HINT
     )
     return tree_unflatten([d + i.to(d.dtype) for d, i in zip(gx_f, implicit)], x_def), linear.last
+
+
+#: jit=True: per inner function (weakly), per solver configuration, a custom_root(jit=True) and its held y*.
+_JIT_ROOTS: weakref.WeakKeyDictionary[Callable[..., Tensor], dict[Any, tuple[_CustomRoot, list[Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _jit_root(
+    inner: Callable[..., Tensor], solve: Any, nonconvergence: str, solve_options: dict[str, Any]
+) -> tuple[_CustomRoot, list[Any]] | None:
+    """The cached ``custom_root(∇_y g, jit=True)`` of ``inner`` for this solver configuration (``None``: not
+    cacheable — an unhashable option or an ``inner`` that takes no weak reference)."""
+    try:
+        config = (solve, nonconvergence, tuple(sorted(solve_options.items())))
+        hash(config)
+        per_inner = _JIT_ROOTS.setdefault(inner, {})
+    except TypeError:
+        return None
+    entry = per_inner.get(config)
+    if entry is None:
+        held: list[Any] = [None]  # the solution of the current call: the "solver" returns it
+        grad_y_inner = torch.func.grad(inner, argnums=1)
+
+        def grad_y(y: Any, x: Any, *a: Any) -> Any:  # the inner optimality condition ∇_y g(x, y) = 0
+            return grad_y_inner(x, y, *a)
+
+        grad_y.__name__ = "grad_y(inner)"
+
+        def solution(y0: Any, x: Any, *a: Any) -> Any:
+            return held[0]
+
+        solution.__name__ = "hypergradient"
+
+        options = dict(solve_options)
+        if isinstance(solve, str) and "symmetric" in METHODS.get(solve, ()):
+            options.setdefault("symmetric", True)
+        root = custom_root(grad_y, solve, nonconvergence=nonconvergence, jit=True, **options)(solution)
+        entry = per_inner[config] = (root, held)
+    return entry
+
+
+def _jitted(
+    outer: Callable[..., Tensor],
+    inner: Callable[..., Tensor],
+    x_leaves: list[Tensor],
+    x_def: Any,
+    y_star: Any,
+    args: tuple,
+    solve: Any,
+    nonconvergence: str,
+    solve_options: dict[str, Any],
+    full_output: bool,
+) -> Any:
+    """``jit=True``: ``outer`` differentiated through ``custom_root(∇_y g, jit=True)``'s traced IFT."""
+    entry = _jit_root(inner, solve, nonconvergence, solve_options)
+    if entry is None:
+        out = hypergradient(
+            outer,
+            inner,
+            tree_unflatten(x_leaves, x_def),
+            y_star,
+            solve,
+            args=args,
+            full_output=True,
+            nonconvergence=nonconvergence,
+            **solve_options,
+        )
+        return out if full_output else out[0]
+    root, held = entry
+    y_detached = tree_unflatten([t.detach() for t in tree_flatten(y_star)[0]], tree_flatten(y_star)[1])
+    with torch.enable_grad():
+        xl = [t.detach().requires_grad_() for t in x_leaves]
+        xt = tree_unflatten(xl, x_def)
+        held[0] = y_detached
+        try:
+            y = root(y_detached, xt, *args)
+        finally:
+            held[0] = None
+        f = _scalar(outer(xt, y, *args), "outer")
+        stray = foreign_leaves(f, xl)
+        if stray:
+            raise ValueError(
+                f"outer depends on a tensor that requires grad but is neither x nor y_star nor in args (it closes "
+                f"over it: shape {tuple(stray[0].shape)}); pass it through args= or detach it"
+            )
+        grads = torch.autograd.grad(f, xl, allow_unused=True, materialize_grads=True)
+    out = tree_unflatten(list(grads), x_def)
+    return (out, root.last_solve) if full_output else out
 
 
 def _transformed(

@@ -358,3 +358,66 @@ def test_evaluation_without_grad_defers_f_to_last_residual() -> None:
     assert not calls
     torch.testing.assert_close(torch.tensor(solver.last_residual, dtype=DT), (X.T @ t / X.shape[0]).norm())
     assert len(calls) == 1
+
+
+def test_hypergradient_jit_matches_eager_and_closed_form() -> None:
+    X, t = _ridge_data(0)
+    Xv, tv = _ridge_data(7)
+
+    def inner(x, w, X, t):  # x = {"log_lam": (6,), "shift": ()}
+        return _g(w, x["log_lam"], X, t) + x["shift"] * w.sum()
+
+    def outer(x, w, X, t):
+        return 0.5 * ((Xv @ w - tv) ** 2).mean() + 0.1 * (x["log_lam"] ** 2).sum()
+
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = {"log_lam": torch.randn(6, generator=g, dtype=DT), "shift": torch.randn((), generator=g, dtype=DT)}
+        n = X.shape[0]
+        H = X.T @ X / n + torch.diag(x["log_lam"].exp())
+        w = torch.linalg.solve(H, X.T @ t / n - x["shift"])
+        h_jit, info = implicit.hypergradient(outer, inner, x, w, args=(X, t), jit=True, full_output=True)
+        h_eager = implicit.hypergradient(outer, inner, x, w, args=(X, t))
+        # closed form: dw/dlog_lam_j = -H^{-1} e_j e^{λ_j} w_j, dw/dshift = -H^{-1} 1
+        gw = Xv.T @ (Xv @ w - tv) / Xv.shape[0]
+        u = torch.linalg.solve(H, gw)
+        ref_lam = -(x["log_lam"].exp() * w) * u + 0.2 * x["log_lam"]
+        ref_shift = -u.sum()
+        torch.testing.assert_close(h_jit["log_lam"], ref_lam, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(h_jit["shift"], ref_shift, rtol=1e-10, atol=1e-13)
+        for k in h_jit:
+            torch.testing.assert_close(h_jit[k], h_eager[k], rtol=1e-12, atol=1e-14)
+        assert info.info.get("traced") and info.converged
+    from implicit._hypergradient import _JIT_ROOTS
+
+    ((root, _),) = _JIT_ROOTS[inner].values()
+    assert len(root.traces) == 1 and list(root.traces._graphs.values())[0] is not FAILED
+
+
+def test_hypergradient_jit_refuses_outer_closure_and_falls_back_under_transforms() -> None:
+    X, t = _ridge_data()
+    captured = torch.ones(6, dtype=DT, requires_grad=True)
+
+    def inner(lam, w):
+        return _g(w, lam, X, t)
+
+    def outer_bad(lam, w):
+        return (captured * w).sum()
+
+    lam = torch.zeros(6, dtype=DT)
+    n = X.shape[0]
+    w = torch.linalg.solve(X.T @ X / n + torch.eye(6, dtype=DT), X.T @ t / n)
+    with pytest.raises(ValueError, match="closes"):
+        implicit.hypergradient(outer_bad, inner, lam, w, jit=True)
+
+    def outer(lam, w):
+        return (w**2).sum()
+
+    # under torch.func.grad the transformed (differentiable) route runs; same value as the eager one
+    def value(lam):
+        return implicit.hypergradient(outer, inner, lam, w, jit=True).sum()
+
+    ref = torch.func.grad(lambda lam: implicit.hypergradient(outer, inner, lam, w).sum())(lam)
+    torch.testing.assert_close(torch.func.grad(value)(lam), ref)
+    with pytest.raises(TypeError, match="jit"):
+        implicit.hypergradient(outer, inner, lam, w, jit=1)
