@@ -828,7 +828,11 @@ def custom_root(
     linearisation, built once per call (:mod:`implicit._graph`). With the
     default ``solve="auto"`` a small system (``n <= 256``) is formed with one
     batched product and factored; larger ones use CG when the operator is
-    symmetric (probed with one two-column product) and GMRES otherwise.
+    symmetric and GMRES otherwise. Symmetry is known when ``optimality_fn`` is
+    ``torch.func.grad(g)`` (then :math:`A = \nabla^2_{yy} g`; Cholesky for a
+    small system, no probe) and otherwise probed with one two-column product.
+    With ``jit=True`` the small-system path is traced once and replayed (about
+    2x faster on a 30-variable problem; see ``jit`` below).
 
     Transforms and higher order. Implemented as a ``torch.autograd.Function``
     with ``setup_context``, a ``jvp`` rule and a ``vmap`` rule, so
@@ -921,12 +925,31 @@ def custom_root(
     """
     if not callable(optimality_fn):
         raise TypeError(f"optimality_fn must be callable F(y, *theta), got {type(optimality_fn).__name__}")
-    linear = LinearSolver(solve, solve_options, nonconvergence)
+    symmetric = True if is_gradient_in_y(optimality_fn) else None
+    linear = LinearSolver(solve, solve_options, nonconvergence, symmetric=symmetric)
 
     def decorator(solver: Callable[..., Any]) -> _CustomRoot:
         return _CustomRoot(solver, optimality_fn, linear, bool(has_aux), jit=jit)
 
     return decorator
+
+
+#: The code object of the functions that ``torch.func.grad`` returns.
+_GRAD_CODE = getattr(torch.func.grad(lambda y: y), "__code__", None)
+
+
+def is_gradient_in_y(fn: Any) -> bool:
+    r"""``fn`` is ``torch.func.grad(g)`` (``argnums=0``, no aux): :math:`A = \partial_y F = \nabla^2_{yy} g` is symmetric.
+
+    Then ``solve="auto"`` needs no symmetry probe (CG, or Cholesky for a small system); any other
+    ``fn`` is probed as before. The test reads the closure of ``torch.func.grad``'s wrapper and
+    answers ``False`` whenever it is not exactly that wrapper.
+    """
+    code = getattr(fn, "__code__", None)
+    if _GRAD_CODE is None or code is not _GRAD_CODE or not fn.__closure__:
+        return False
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    return cells.get("argnums") == 0 and cells.get("has_aux") is False and callable(cells.get("func"))
 
 
 def _fixed_point_residual(T: Callable[..., Any]) -> Callable[..., Any]:
