@@ -939,7 +939,7 @@ _GRAD_CODE = getattr(torch.func.grad(lambda y: y), "__code__", None)
 
 
 def is_gradient_in_y(fn: Any) -> bool:
-    r"""``fn`` is ``torch.func.grad(g)`` (``argnums=0``, no aux): :math:`A = \partial_y F = \nabla^2_{yy} g` is symmetric.
+    r"""``fn`` is ``torch.func.grad(g)`` (``argnums=0``, no aux), so :math:`A = \nabla^2_{yy} g` is symmetric.
 
     Then ``solve="auto"`` needs no symmetry probe (CG, or Cholesky for a small system); any other
     ``fn`` is probed as before. The test reads the closure of ``torch.func.grad``'s wrapper and

@@ -53,7 +53,7 @@ def test_gradient_optimality_skips_the_probe_and_is_exact() -> None:
         for F, probed in ((torch.func.grad(_g), False), (lambda y, M, b: torch.func.grad(_g)(y, M, b), True)):
 
             @implicit.custom_root(F, nonconvergence="raise")
-            def solver(y0, M, b):
+            def solver(y0, M, b, y_star=y_star):
                 return y_star
 
             bb = b.clone().requires_grad_()
