@@ -369,8 +369,13 @@ class _RootProblem:
         tensors = [t.detach() for t in tensors]
         init = arguments.init(tensors[: arguments.n_init])
         theta = tensors[arguments.n_init :]
-        with closure_hint(), arguments.theta(theta) as (args, kwargs):
-            out = root.solver(init, *args, **kwargs)
+        plain = arguments.plain_theta(theta)
+        if plain is not None:  # positional tensors and constants only: no re-parametrisation context
+            with closure_hint():
+                out = root.solver(init, *plain[0])
+        else:
+            with closure_hint(), arguments.theta(theta) as (args, kwargs):
+                out = root.solver(init, *args, **kwargs)
         if root.has_aux:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError(

@@ -46,7 +46,8 @@ class Arguments:
     """
 
     def __init__(self, init: Any, args: tuple, kwargs: dict) -> None:
-        init_leaves, self._init_def = tree_flatten(init)
+        self._init_tensor = isinstance(init, Tensor)  # the common case, without pytree round trips
+        init_leaves, self._init_def = ([init], None) if self._init_tensor else tree_flatten(init)
         theta_leaves, self._theta_def = tree_flatten((tuple(args), dict(kwargs)))
         init_tensors = [t for t in init_leaves if isinstance(t, Tensor)]
         self._init_leaves = [_TENSOR if isinstance(t, Tensor) else t for t in init_leaves]
@@ -77,6 +78,8 @@ class Arguments:
     # ------------------------------------------------------------------ #
     def init(self, init_tensors: Sequence[Tensor]) -> Any:
         """The ``init`` pytree with its tensor leaves replaced by ``init_tensors``."""
+        if self._init_tensor:
+            return init_tensors[0]
         it = iter(init_tensors)
         leaves = [next(it) if leaf is _TENSOR else leaf for leaf in self._init_leaves]
         return tree_unflatten(leaves, self._init_def)
@@ -129,11 +132,13 @@ class Arguments:
                 except TypeError:
                     return None
                 consts.append((type(value), value))
-        spec: Any = self._theta_def
-        try:
-            hash(spec)
-        except TypeError:
-            spec = str(spec)
+        spec: Any = len(self._slots)  # positional leaves only: the count is the whole structure
+        if not self._flat_args:
+            spec = self._theta_def
+            try:
+                hash(spec)
+            except TypeError:
+                spec = str(spec)
         return (len(self._slots), spec, tuple(consts))
 
     def theta_structure(self, values: Sequence[Any]) -> tuple[tuple, dict]:
