@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FAILED", "TraceCache", "trace"]
+__all__ = ["FAILED", "TraceCache", "simplify", "trace"]
 
 #: Cached for a signature whose function could not be traced (it runs eagerly).
 FAILED = object()
@@ -52,6 +52,69 @@ def _captured(gm: torch.fx.GraphModule) -> list[Tensor]:
             if isinstance(value, Tensor):
                 out.append(value)
     return out
+
+
+def _is_one(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 1
+
+
+def _is_eye(node: Any) -> bool:
+    """``node`` computes an identity matrix (``eye``, or its transpose)."""
+    aten = torch.ops.aten
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        if node.target is aten.eye.default:
+            return True
+        if node.target is aten.t.default or (node.target is aten.permute.default and list(node.args[1]) == [1, 0]):
+            node = node.args[0]
+            continue
+        return False
+    return False
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    """Two traced values with equal shape, dtype and strides (one may stand in for the other)."""
+    va, vb = getattr(a, "meta", {}).get("val"), getattr(b, "meta", {}).get("val")
+    return (
+        isinstance(va, Tensor)
+        and isinstance(vb, Tensor)
+        and va.shape == vb.shape
+        and va.dtype == vb.dtype
+        and va.stride() == vb.stride()
+    )
+
+
+def simplify(gm: torch.fx.GraphModule) -> int:
+    """Remove operations that return their input, which ``torch.func`` transforms leave in traced graphs.
+
+    ``x * 1``, ``x / 1``, ``x ** 1``, ``t(t(x))`` and products with an identity matrix (the cotangent
+    basis of a batched vjp); a node is replaced only by a value of the same shape, dtype and strides.
+
+    Returns:
+        The number of operations removed.
+    """
+    aten = torch.ops.aten
+    scale = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar}
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not node.args:
+            continue
+        src = None
+        if node.target in scale and len(node.args) == 2 and _is_one(node.args[1]) and not node.kwargs:
+            src = node.args[0]
+        elif node.target is aten.t.default:
+            inner = node.args[0]
+            if isinstance(inner, torch.fx.Node) and inner.op == "call_function" and inner.target is aten.t.default:
+                src = inner.args[0]
+        elif node.target is aten.mm.default:
+            a, b = node.args[:2]
+            src = a if _is_eye(b) else b if _is_eye(a) else None
+        if isinstance(src, torch.fx.Node) and _same_layout(src, node):
+            node.replace_all_uses_with(src)
+            removed += 1
+    if removed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return removed
 
 
 def trace(fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tuple[Callable[..., Any], list[Tensor]]:
@@ -72,11 +135,25 @@ def trace(fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tu
     from torch.fx.experimental.proxy_tensor import make_fx
 
     inputs = [t.detach() for t in inputs]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a failed trace runs F again eagerly, with its warnings
-        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+
+    def build() -> torch.fx.GraphModule:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a failed trace runs F again eagerly, with its warnings
+            gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+
+    gm = build()
+    try:
+        with torch.no_grad():
+            reference = gm(*inputs)
+            if simplify(gm):
+                out = gm(*inputs)
+                if not all(torch.allclose(a, b, equal_nan=True) for a, b in zip(out, reference)):
+                    gm = build()  # cannot happen for the exact rules of simplify; keep the plain graph if it does
+    except Exception:  # noqa: BLE001 - the simplification is optional
+        gm = build()
     captured = _captured(gm)
     compiled: Callable[..., Any] = gm
     try:

@@ -493,7 +493,10 @@ class _RootProblem:
             except Exception:  # noqa: BLE001 - the eager route computes the same derivatives
                 return None
             graphs[vsig] = compiled
-        outs = compiled(*y, *theta, V)
+        try:
+            outs = compiled(*y, *theta, V)
+        except Exception:  # noqa: BLE001 - a replay that fails (it should not) leaves the eager route
+            return None
         nd = len(diff)
         A, rows, U, grads, stats = outs[0], outs[1 : 1 + nd], outs[1 + nd], outs[2 + nd : 2 + 2 * nd], outs[-1]
         where = {i: j for j, i in enumerate(diff)}

@@ -421,3 +421,29 @@ def test_hypergradient_jit_refuses_outer_closure_and_falls_back_under_transforms
     torch.testing.assert_close(torch.func.grad(value)(lam), ref)
     with pytest.raises(TypeError, match="jit"):
         implicit.hypergradient(outer, inner, lam, w, jit=1)
+
+
+def test_simplify_removes_identities_and_keeps_values() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from implicit._jit import simplify
+
+    def f(a, b):
+        x = a * 1
+        y = (b / 1.0) ** 1
+        z = torch.mm(a, torch.eye(a.shape[1], dtype=a.dtype).T)
+        w = torch.mm(torch.eye(a.shape[0], dtype=a.dtype), a)
+        return x + z + w, y.t().t(), (a * 2.0) ** 2
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 3, generator=g, dtype=DT), torch.randn(3, 5, generator=g, dtype=DT)
+    gm = make_fx(f)(a, b)
+    ref = gm(a, b)
+    n_before = len(gm.graph.nodes)
+    removed = simplify(gm)
+    assert removed >= 6 and len(gm.graph.nodes) < n_before
+    for got, want in zip(gm(a, b), ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    a2 = torch.randn(4, 3, generator=g, dtype=DT)
+    for got, want in zip(gm(a2, b), f(a2, b)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
