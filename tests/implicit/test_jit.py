@@ -447,3 +447,40 @@ def test_simplify_removes_identities_and_keeps_values() -> None:
     a2 = torch.randn(4, 3, generator=g, dtype=DT)
     for got, want in zip(gm(a2, b), f(a2, b)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_jit_fixed_point_keywords_and_aux() -> None:
+    # custom_fixed_point with theta by keyword and an aux output, against the eager route and the closed form
+    g = torch.Generator().manual_seed(4)
+    W = 0.3 * torch.randn(4, 4, generator=g, dtype=DT)
+
+    def T(y, a, scale=None):  # noqa: N802 - a contraction: y = tanh(W y) * scale + a
+        return torch.tanh(W @ y) * scale + a
+
+    a0 = torch.randn(4, generator=g, dtype=DT)
+    results = []
+    for jit in (True, False):
+
+        @implicit.custom_fixed_point(T, jit=jit, has_aux=True, nonconvergence="raise")
+        def solver(y0, a, scale=None):
+            y = y0
+            for _ in range(200):
+                y = T(y, a, scale=scale)
+            return y, {"iters": 200, "last": y.clone()}
+
+        a = a0.clone().requires_grad_()
+        scale = torch.tensor(0.7, dtype=DT, requires_grad=True)
+        y, aux = solver(torch.zeros(4, dtype=DT), a, scale=scale)
+        assert aux["iters"] == 200
+        v = torch.linspace(1, 2, 4, dtype=DT)
+        ga, gs = torch.autograd.grad(y @ v, (a, scale))
+        # closed form: (I - J)ᵀ u = v with J = ∂T/∂y; d/da = u, d/dscale = u · tanh(W y)
+        yd = y.detach()
+        J = (1 - torch.tanh(W @ yd) ** 2)[:, None] * W * 0.7
+        u = torch.linalg.solve((torch.eye(4, dtype=DT) - J).T, v)
+        torch.testing.assert_close(ga, u, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gs, u @ torch.tanh(W @ yd), rtol=1e-10, atol=1e-12)
+        results.append((ga, gs))
+        if jit:
+            assert len(solver.traces) == 1 and list(solver.traces._graphs.values())[0] is not FAILED
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
