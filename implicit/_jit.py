@@ -177,6 +177,7 @@ class TraceCache:
 
     def __init__(self) -> None:
         self._graphs: dict[Hashable, Any] = {}
+        self.warned = False  # the "cache full" warning is given once
 
     def get(self, key: Hashable) -> Any:
         """The compiled function for ``key``, :data:`FAILED`, or ``None`` when not traced yet."""

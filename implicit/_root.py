@@ -452,7 +452,18 @@ class _RootProblem:
             return False
         key = (tuple(wants), signature(y), signature(theta), consts)
         entry = traces.get(key)
-        if entry is FAILED or (entry is None and traces.full()):
+        if entry is None and traces.full():
+            if not traces.warned:
+                traces.warned = True
+                warnings.warn(
+                    f"custom_root(jit=True) for {root.solver_name}: {len(traces)} input signatures traced (shapes, "
+                    "dtypes and the values of non-tensor arguments); calls with further signatures run eagerly. "
+                    "Pass values that change from call to call as tensors, not Python numbers.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            return False
+        if entry is FAILED:
             return False
         if entry is None:
             diff = [i for i, w in enumerate(wants) if w]

@@ -484,3 +484,29 @@ def test_jit_fixed_point_keywords_and_aux() -> None:
         if jit:
             assert len(solver.traces) == 1 and list(solver.traces._graphs.values())[0] is not FAILED
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+
+
+def test_jit_warns_once_when_signatures_keep_changing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import implicit._jit as jit_module
+
+    monkeypatch.setattr(jit_module, "MAX_SIGNATURES", 2)
+    X, t = _ridge_data()
+
+    def F(w, lam, X, t, c):  # noqa: N802 - c: a Python float, part of the signature
+        return torch.func.grad(_g)(w, lam, X, t) * c
+
+    @implicit.custom_root(F, jit=True)
+    def solver(w0, lam, X, t, c):
+        return torch.linalg.solve(X.T @ X / X.shape[0] + torch.diag(lam.exp()), X.T @ t / X.shape[0])
+
+    lam = torch.zeros(6, dtype=DT, requires_grad=True)
+    v = torch.ones(6, dtype=DT)
+    import warnings as _w
+
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        for c in (1.0, 2.0, 3.0, 4.0):
+            (h,) = torch.autograd.grad(solver(None, lam, X, t, c) @ v, lam)
+            torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), X, t, v), rtol=1e-11, atol=1e-14)
+    msgs = [str(w.message) for w in caught if "input signatures traced" in str(w.message)]
+    assert len(msgs) == 1 and len(solver.traces) == 2
