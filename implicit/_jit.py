@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FAILED", "TraceCache", "simplify", "trace"]
+__all__ = ["FAILED", "TraceCache", "fold_constants", "simplify", "trace"]
 
 #: Cached for a signature whose function could not be traced (it runs eagerly).
 FAILED = object()
@@ -117,6 +117,87 @@ def simplify(gm: torch.fx.GraphModule) -> int:
     return removed
 
 
+def _shape_only(node: torch.fx.Node) -> bool:
+    """``node``'s value depends on the metadata of its inputs only (``ones_like(x)``, ``eye(n)``, ``x ** 0``)."""
+    aten = torch.ops.aten
+    if node.target in (
+        aten.ones_like.default,
+        aten.zeros_like.default,
+        aten.full_like.default,
+        aten.new_ones.default,
+        aten.new_zeros.default,
+        aten.new_full.default,
+        aten.ones.default,
+        aten.zeros.default,
+        aten.full.default,
+        aten.eye.default,
+        aten.scalar_tensor.default,
+    ):
+        return True
+    return node.target is aten.pow.Tensor_Scalar and node.args[1] == 0  # x ** 0 == 1, even for inf and nan
+
+
+def _stand_in(value: Any) -> Any:
+    """A real tensor with the metadata of a traced (fake) value, for evaluating shape-only operations."""
+    meta = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    if not isinstance(meta, Tensor):
+        raise ValueError("no tensor metadata")
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=meta.device)
+
+
+def fold_constants(gm: torch.fx.GraphModule) -> int:
+    """Precompute the operations whose values do not depend on the inputs (per signature).
+
+    A batched vjp starts from constant cotangents (``ones_like`` of the loss, scaled, expanded,
+    negated) and an identity basis; those chains are evaluated once and stored in the graph. Inputs
+    and tensors read by closure (which their owner may update in place) are never constant, nor are
+    random operations; a graph with any in-place operation is left alone.
+
+    Returns:
+        The number of operations removed from the graph.
+    """
+    nodes = list(gm.graph.nodes)
+    ops = [n for n in nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    if any(n.target._schema.is_mutable for n in ops):
+        return 0
+    values: dict[torch.fx.Node, Tensor] = {}
+    for node in ops:
+        if torch.Tag.nondeterministic_seeded in node.target.tags:
+            continue
+        deps: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((node.args, node.kwargs), deps.append)
+        if _shape_only(node):
+
+            def fill(n: torch.fx.Node) -> Any:
+                return values[n] if n in values else _stand_in(n)
+
+        elif deps and all(d in values for d in deps):
+            fill = values.__getitem__
+        else:
+            continue
+        try:
+            out = node.target(*torch.fx.node.map_arg(node.args, fill), **torch.fx.node.map_arg(node.kwargs, fill))
+        except Exception:  # noqa: BLE001 - not foldable here: leave it in the graph
+            continue
+        if isinstance(out, Tensor):
+            values[node] = out
+    if not values:
+        return 0
+    before = len(nodes)
+    for i, (node, value) in enumerate(values.items()):
+        if all(u in values for u in node.users):
+            continue  # only feeds other constants: removed with them
+        name = f"_folded_{i}"
+        gm.register_buffer(name, value)
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return before - len(gm.graph.nodes)
+
+
 def trace(fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tuple[Callable[..., Any], list[Tensor]]:
     """Trace ``fn(*inputs) -> tuple of tensors`` into a replayable graph of ATen operations.
 
@@ -148,7 +229,7 @@ def trace(fn: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tu
     try:
         with torch.no_grad():
             reference = gm(*inputs)
-            if simplify(gm):
+            if simplify(gm) + fold_constants(gm):
                 out = gm(*inputs)
                 if not all(torch.allclose(a, b, equal_nan=True) for a, b in zip(out, reference)):
                     gm = build()  # cannot happen for the exact rules of simplify; keep the plain graph if it does

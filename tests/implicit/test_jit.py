@@ -510,3 +510,37 @@ def test_jit_warns_once_when_signatures_keep_changing(monkeypatch: pytest.Monkey
             torch.testing.assert_close(h, _exact_ridge_grad(lam.detach(), X, t, v), rtol=1e-11, atol=1e-14)
     msgs = [str(w.message) for w in caught if "input signatures traced" in str(w.message)]
     assert len(msgs) == 1 and len(solver.traces) == 2
+
+
+def test_fold_constants_precomputes_input_independent_chains_only() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from implicit._jit import fold_constants
+
+    captured = torch.arange(3.0, dtype=DT)
+
+    def f(x):
+        ones = torch.ones_like(x) * 0.5  # constant chain
+        eye = torch.eye(3, dtype=DT) * 2.0  # constant chain
+        noise = torch.rand_like(x)  # random: never folded
+        return x * ones + eye @ x + captured * x**0, noise * x
+
+    x = torch.randn(3, dtype=DT)
+    gm = make_fx(f)(x)
+    n_before = len(gm.graph.nodes)
+    assert fold_constants(gm) >= 2 and len(gm.graph.nodes) < n_before
+    assert any(n.target is torch.ops.aten.rand_like.default for n in gm.graph.nodes if n.op == "call_function")
+    x2 = torch.randn(3, dtype=DT)
+    torch.testing.assert_close(gm(x2)[0], f(x2)[0], rtol=0, atol=1e-15)
+    assert not torch.equal(gm(x2)[1], gm(x2)[1])  # still random on every call
+    captured.mul_(3.0)  # a tensor read by closure stays live (not folded)
+    torch.testing.assert_close(gm(x2)[0], f(x2)[0], rtol=0, atol=1e-15)
+
+    def g(x):  # an in-place operation anywhere: nothing is folded
+        y = torch.ones_like(x)
+        y.add_(x)
+        return y * 2
+
+    gm = make_fx(g)(x)
+    assert fold_constants(gm) == 0
+    torch.testing.assert_close(gm(x2), g(x2))
