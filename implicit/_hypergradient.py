@@ -139,10 +139,14 @@ def hypergradient(
         )
     if not isinstance(jit, bool):
         raise TypeError(f"jit must be True or False, got {jit!r}")
-    if jit and _plain(x_leaves, y_leaves, args):
-        return _jitted(outer, inner, x_leaves, x_def, y_star, args, solve, nonconvergence, solve_options, full_output)
+    plain = _plain(x_leaves, y_leaves, args)
+    if jit and plain:
+        y_detached = tree_unflatten([t.detach() for t in y_leaves], y_def)
+        return _jitted(
+            outer, inner, x_leaves, x_def, y_detached, args, solve, nonconvergence, solve_options, full_output
+        )
     linear = LinearSolver(solve, solve_options, nonconvergence, symmetric=True)
-    if _plain(x_leaves, y_leaves, args):
+    if plain:
         out, info = _recorded(outer, inner, x_leaves, x_def, y_leaves, y_def, args, linear)
     else:
         out, info = _transformed(outer, inner, x, x_def, y_star, args, solve, nonconvergence, solve_options)
@@ -245,7 +249,7 @@ def _jitted(
     inner: Callable[..., Tensor],
     x_leaves: list[Tensor],
     x_def: Any,
-    y_star: Any,
+    y_detached: Any,
     args: tuple,
     solve: Any,
     nonconvergence: str,
@@ -259,7 +263,7 @@ def _jitted(
             outer,
             inner,
             tree_unflatten(x_leaves, x_def),
-            y_star,
+            y_detached,
             solve,
             args=args,
             full_output=True,
@@ -268,7 +272,6 @@ def _jitted(
         )
         return out if full_output else out[0]
     root, held = entry
-    y_detached = tree_unflatten([t.detach() for t in tree_flatten(y_star)[0]], tree_flatten(y_star)[1])
     with torch.enable_grad():
         xl = [t.detach().requires_grad_() for t in x_leaves]
         xt = tree_unflatten(xl, x_def)
