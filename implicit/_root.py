@@ -232,7 +232,12 @@ def _ift_fn(fun: _Optimality, n_y: int, diff: Sequence[int], damping: float) -> 
         U = U + torch.linalg.lu_solve(LU, piv, torch.addmm(Vm, At, U, alpha=-1))  # one refinement step
         rnorm = torch.linalg.vector_norm(torch.addmm(Vm, At, U, alpha=-1), dim=0)
         grads = [-(U.T @ r.reshape(n, -1)) for r in rows]
-        ynorm = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in flat[:n_y]]))
+        ys = flat[:n_y]
+        ynorm = (
+            torch.linalg.vector_norm(ys[0])
+            if n_y == 1
+            else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ys]))
+        )
         scalars = torch.stack([info.to(A.dtype), torch.linalg.vector_norm(F), ynorm, torch.linalg.matrix_norm(At)])
         stats = torch.cat([scalars, rnorm, torch.linalg.vector_norm(Vm, dim=0)])
         return (A, *rows, U, *grads, stats)
