@@ -1,4 +1,4 @@
-r"""Traced (``jit=True``) evaluation of the dense IFT pieces: ``F``, ``A`` and the rows of ``B`` in one graph.
+r"""Traced (``jit=True``) implicit derivatives of small systems: the whole reverse IFT in one replayed graph.
 
 On a small problem an implicit derivative costs a few dozen tensor operations
 (``F``, one batched backward pass through it, a factorisation), and in eager
@@ -7,22 +7,24 @@ wrappers: about 1 ms where the arithmetic takes microseconds, 10x behind
 ``jax.jit`` (``benchmarks/hypergradient.py``). With ``jit=True`` the function
 
 .. math::
-    (y, \theta) \mapsto \bigl(F(y, \theta),\; \partial_y F,\; \partial_{\theta_i} F\bigr)
+    (y, \theta, \bar v) \mapsto \bigl(A, B, u = A^{-\top}\bar v, -B^\top u, \text{norms for the checks}\bigr)
 
-(the last for the differentiated ``theta``) is traced once per input signature
-into a graph of ATen operations (:func:`torch.fx.experimental.proxy_tensor.make_fx`
-with fake tensors, then :func:`torch.jit.trace` when available, whose
-interpreter runs the graph with far less overhead per operation) and replayed
-on later calls: no autograd graph, no ``torch.func`` wrappers, no
-re-validation. The factorisation and its checks stay eager
-(:func:`curvlab.linalg.solve`).
+(built in :mod:`implicit._root`) is traced once per input signature into a
+graph of ATen operations (:func:`torch.fx.experimental.proxy_tensor.make_fx`
+with fake tensors), simplified (:func:`simplify`, :func:`fold_constants`) and
+replayed by :func:`torch.jit.trace`'s interpreter when available (far less
+overhead per operation than Python), else by the FX module: no autograd graph,
+no ``torch.func`` wrappers, one host sync for the checks. Whenever the traced LU
+fails or misses the tolerance the caller redoes the solve with
+:func:`curvlab.linalg.solve`.
 
 Semantics are those of ``jax.jit``: tensors and Python values that ``F``
 reads other than through its arguments are frozen into the graph at the first
-call with a given signature (the signature: shapes, dtypes and devices of the
-tensors, and the values of the non-tensor arguments). Data-dependent Python
-control flow in ``F`` (``if y.norm() > 1``, ``.item()``) cannot be traced: such
-an ``F`` is detected while tracing and runs eagerly, as without ``jit``.
+call with a given signature (tensors by reference, so in-place updates are
+seen; the signature: shapes, dtypes and devices of the tensors, and the values
+of the non-tensor arguments). Data-dependent Python control flow in ``F``
+(``if y.norm() > 1``, ``.item()``) cannot be traced: such an ``F`` is detected
+while tracing and runs eagerly, as without ``jit``.
 """
 
 from __future__ import annotations

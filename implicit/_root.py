@@ -895,12 +895,14 @@ def custom_root(
         nonconvergence: what to do when the linear solve does not converge:
             ``"warn"`` (a :class:`LinearSolveWarning` stating the residual),
             ``"raise"`` (:class:`LinearSolveError`) or ``"ignore"``.
-        jit: trace, once per input signature, the function that gives
-            :math:`F`, :math:`A` and :math:`B` of a densely factored system
-            (``solve="auto"`` with ``n <= dense_max``, or ``"dense"``) into a
-            graph of ATen operations and replay it in every later backward pass
-            (:mod:`implicit._jit`): about 2.4x faster on a 30-variable problem, where
-            eager overhead dominates. Semantics of ``jax.jit``: tensors and
+        jit: trace, once per input signature, the whole reverse-mode
+            derivative of a densely factored system (``solve="auto"`` with
+            ``n <= dense_max``, or ``"dense"``: :math:`F`, :math:`A`, :math:`B`,
+            an LU solve with one refinement step, :math:`-B^\top u`) into a graph
+            of ATen operations and replay it in every later backward pass
+            (:mod:`implicit._jit`; the eager solve takes over if the traced LU
+            fails or misses ``tol``): about 2.4x faster on a 30-variable
+            problem, where eager overhead dominates. Semantics of ``jax.jit``: tensors and
             Python values that ``optimality_fn`` reads other than through its
             arguments are frozen at the first call (pass everything that changes
             as ``theta``); the non-tensor ``theta`` are part of the signature.
