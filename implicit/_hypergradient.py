@@ -15,7 +15,7 @@ Hessian formed with one batched product and factored, CG otherwise),
 
 from __future__ import annotations
 
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -88,8 +88,9 @@ def hypergradient(
         jit: trace the IFT of a small inner problem once per signature and replay
             it (as :func:`custom_root`'s ``jit``, with its ``jax.jit`` semantics:
             values ``inner`` reads by closure are frozen at the first call). The
-            traces are kept per ``inner`` function object, so pass the same
-            function on every call (a fresh ``lambda`` each time retraces).
+            traces are kept per ``inner`` function object (the 16 most recently
+            used), so pass the same function on every call (a fresh ``lambda``
+            each time retraces).
             ``outer`` runs eagerly.
         **solve_options: options of the solver (``tol``, ``maxiter``, ``alpha``, ``K``, ...).
 
@@ -204,43 +205,50 @@ def _recorded(
     return tree_unflatten([d + i.to(d.dtype) for d, i in zip(gx_f, implicit)], x_def), linear.last
 
 
-#: jit=True: per inner function (weakly), per solver configuration, a custom_root(jit=True) and its held y*.
-_JIT_ROOTS: weakref.WeakKeyDictionary[Callable[..., Tensor], dict[Any, tuple[_CustomRoot, list[Any]]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: jit=True: the custom_root(jit=True) and held y* per (inner function, solver configuration), most recent last.
+_JIT_ROOTS: OrderedDict[tuple[Any, Any], tuple[_CustomRoot, list[Any]]] = OrderedDict()
+#: How many (inner, configuration) pairs keep their traces (least recently used dropped first).
+_JIT_ROOTS_MAX = 16
 
 
 def _jit_root(
     inner: Callable[..., Tensor], solve: Any, nonconvergence: str, solve_options: dict[str, Any]
 ) -> tuple[_CustomRoot, list[Any]] | None:
     """The cached ``custom_root(∇_y g, jit=True)`` of ``inner`` for this solver configuration (``None``: not
-    cacheable — an unhashable option or an ``inner`` that takes no weak reference)."""
+    cacheable — an unhashable ``inner`` or option).
+
+    The cache is a small LRU keyed by ``inner`` itself (bound methods compare equal across accesses), so a
+    fresh ``lambda`` on every call retraces every call, and memory stays bounded.
+    """
     try:
-        config = (solve, nonconvergence, tuple(sorted(solve_options.items())))
-        hash(config)
-        per_inner = _JIT_ROOTS.setdefault(inner, {})
+        key = (inner, (solve, nonconvergence, tuple(sorted(solve_options.items()))))
+        hash(key)
     except TypeError:
         return None
-    entry = per_inner.get(config)
-    if entry is None:
-        held: list[Any] = [None]  # the solution of the current call: the "solver" returns it
-        grad_y_inner = torch.func.grad(inner, argnums=1)
+    entry = _JIT_ROOTS.get(key)
+    if entry is not None:
+        _JIT_ROOTS.move_to_end(key)
+        return entry
+    held: list[Any] = [None]  # the solution of the current call: the "solver" returns it
+    grad_y_inner = torch.func.grad(inner, argnums=1)
 
-        def grad_y(y: Any, x: Any, *a: Any) -> Any:  # the inner optimality condition ∇_y g(x, y) = 0
-            return grad_y_inner(x, y, *a)
+    def grad_y(y: Any, x: Any, *a: Any) -> Any:  # the inner optimality condition ∇_y g(x, y) = 0
+        return grad_y_inner(x, y, *a)
 
-        grad_y.__name__ = "grad_y(inner)"
+    grad_y.__name__ = "grad_y(inner)"
 
-        def solution(y0: Any, x: Any, *a: Any) -> Any:
-            return held[0]
+    def solution(y0: Any, x: Any, *a: Any) -> Any:
+        return held[0]
 
-        solution.__name__ = "hypergradient"
+    solution.__name__ = "hypergradient"
 
-        options = dict(solve_options)
-        if isinstance(solve, str) and "symmetric" in METHODS.get(solve, ()):
-            options.setdefault("symmetric", True)
-        root = custom_root(grad_y, solve, nonconvergence=nonconvergence, jit=True, **options)(solution)
-        entry = per_inner[config] = (root, held)
+    options = dict(solve_options)
+    if isinstance(solve, str) and "symmetric" in METHODS.get(solve, ()):
+        options.setdefault("symmetric", True)
+    root = custom_root(grad_y, solve, nonconvergence=nonconvergence, jit=True, **options)(solution)
+    entry = _JIT_ROOTS[key] = (root, held)
+    while len(_JIT_ROOTS) > _JIT_ROOTS_MAX:
+        _JIT_ROOTS.popitem(last=False)
     return entry
 
 

@@ -390,7 +390,7 @@ def test_hypergradient_jit_matches_eager_and_closed_form() -> None:
         assert info.info.get("traced") and info.converged
     from implicit._hypergradient import _JIT_ROOTS
 
-    ((root, _),) = _JIT_ROOTS[inner].values()
+    (root, _) = next(v for k, v in _JIT_ROOTS.items() if k[0] is inner)
     assert len(root.traces) == 1 and list(root.traces._graphs.values())[0] is not FAILED
 
 
@@ -544,3 +544,20 @@ def test_fold_constants_precomputes_input_independent_chains_only() -> None:
     gm = make_fx(g)(x)
     assert fold_constants(gm) == 0
     torch.testing.assert_close(gm(x2), g(x2))
+
+
+def test_hypergradient_jit_cache_is_bounded() -> None:
+    from implicit import _hypergradient as hg
+
+    X, t = _ridge_data()
+    lam = torch.zeros(6, dtype=DT)
+    n = X.shape[0]
+    w = torch.linalg.solve(X.T @ X / n + torch.eye(6, dtype=DT), X.T @ t / n)
+    for k in range(hg._JIT_ROOTS_MAX + 4):  # a fresh inner each time: retraced, and old entries dropped
+
+        def inner(lam, w, k=k):
+            return _g(w, lam, X, t) + 0.0 * k
+
+        h = implicit.hypergradient(lambda lam, w: (w**2).sum(), inner, lam, w, jit=True)
+        torch.testing.assert_close(h, _exact_ridge_grad(lam, X, t, 2 * w))
+    assert len(hg._JIT_ROOTS) <= hg._JIT_ROOTS_MAX
